@@ -1,0 +1,214 @@
+"""The model core: vision tower → projector → features scattered into the LLM's embeddings.
+
+``input_ids`` arrive with every ``<image>`` already expanded to ``tokens_per_image`` positions
+holding ``config.image_token_id`` (the convention of transformers' Llava). Image features fill
+those positions in order: first image of the batch first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mmscene.model.config import MultimodalConfig
+from mmscene.model.projector import build_projector
+
+IGNORE_INDEX = -100
+_CLS_TOWERS = ("clip_vision_model",)  # towers whose first token is a CLS token
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, config: MultimodalConfig, attn_implementation: str | None = None):
+        super().__init__()
+        self.config = config
+        vision_config = config.vision_config
+        text_config = config.text_config
+        if getattr(vision_config, "vision_use_head", False):
+            # The pooling head is never used for features and would get no gradient under FSDP.
+            vision_config.vision_use_head = False
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.vision_tower = AutoModel.from_config(vision_config, **kwargs)
+        self.projector = build_projector(
+            config.projector, vision_config.hidden_size, text_config.hidden_size, config.projector_bias
+        )
+        self.language_model = AutoModelForCausalLM.from_config(text_config, **kwargs)
+        self.tokenizer = None  # attached by callers that have one; saved alongside the weights
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def image_size(self) -> int:
+        return int(self.config.vision_config.image_size)
+
+    @property
+    def patch_grid(self) -> int:
+        cfg = self.config.vision_config
+        return int(cfg.image_size) // int(cfg.patch_size)
+
+    def tokens_per_image(self, pooled: bool = False) -> int:
+        """How many ``image_token_id`` positions one image (or one pooled video frame) takes."""
+        grid = self.patch_grid
+        if pooled and self.config.frame_pool_stride > 1:
+            side = grid // self.config.frame_pool_stride
+            return side * side
+        has_cls = self.config.vision_config.model_type in _CLS_TOWERS
+        n = grid * grid + int(has_cls)
+        return n - 1 if self.config.vision_feature_select == "default" else n
+
+    # ------------------------------------------------------------------ features
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_pooling: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Projected features of each image, flattened to ``[total_positions, hidden]`` in order."""
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must be [num_images, channels, H, W], got shape {tuple(pixel_values.shape)}"
+            )
+        size = self.image_size
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} but the vision tower takes "
+                f"{size}x{size} images; preprocess images to the tower's size"
+            )
+        dtype = next(self.vision_tower.parameters()).dtype
+        layer = self.config.vision_feature_layer
+        out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=layer, return_dict=True)
+        feats = out.hidden_states[layer]
+        if self.config.vision_feature_select == "default":
+            feats = feats[:, 1:]
+        feats = self.projector(feats)
+        if image_pooling is None or not bool(image_pooling.any()) or self.config.frame_pool_stride == 1:
+            return feats.reshape(-1, feats.shape[-1])
+        return torch.cat([self._pool(f) if p else f for f, p in zip(feats, image_pooling.tolist())], dim=0)
+
+    def _pool(self, feats: torch.Tensor) -> torch.Tensor:
+        grid, stride = self.patch_grid, self.config.frame_pool_stride
+        if feats.shape[0] != grid * grid:
+            raise ValueError(
+                "frame pooling needs a pure patch grid; use vision_feature_select='default' for CLS towers"
+            )
+        x = feats.T.reshape(1, -1, grid, grid)
+        x = F.avg_pool2d(x, kernel_size=stride, stride=stride)
+        return x.flatten(2)[0].T
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_pooling: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """LLM input embeddings with image features scattered into the image positions."""
+        image_mask = input_ids == self.config.image_token_id
+        embed_tokens = self.language_model.get_input_embeddings()
+        # The image id may lie outside the vocabulary (original checkpoints use none): embed a
+        # harmless id there, it is overwritten below.
+        embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))
+        n_positions = int(image_mask.sum())
+        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        if n_images == 0:
+            if n_positions:
+                raise ValueError(
+                    f"input_ids hold {n_positions} image positions but no pixel_values were given"
+                )
+            return embeds
+        feats = self.encode_images(pixel_values, image_pooling)
+        if feats.shape[0] != n_positions:
+            per_sample = image_mask.sum(dim=1).tolist()
+            raise ValueError(
+                f"image positions and image features do not match: input_ids hold {n_positions} image positions "
+                f"(per sample {per_sample}) but {n_images} images give {feats.shape[0]} feature vectors "
+                f"({self.tokens_per_image()} per image); expand each <image> to exactly that many tokens"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), feats.to(embeds.dtype))
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        image_pooling: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
+        if labels is not None:
+            # Image positions never carry loss, whatever the caller's labels say.
+            labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_pooling: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """New tokens only, ``[batch, new_len]``, with KV cache (greedy, sampling, any GenerationConfig).
+
+        Batches mix samples with different numbers of images; pad on the left.
+        """
+        if attention_mask is not None and input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError(
+                "batched generation needs left padding: the last position of every row must be real"
+            )
+        inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ construction / IO
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> MultimodalLM:
+        """Load an mmscene, transformers-Llava or original ``llava_qwen`` checkpoint directory."""
+        from mmscene.model.formats import load_checkpoint
+
+        return load_checkpoint(path, **kwargs)
+
+    @classmethod
+    def from_components(cls, vision: str | Path, llm: str | Path, **kwargs: Any) -> MultimodalLM:
+        """Pretrained vision tower + pretrained LLM + a fresh projector (stage composition)."""
+        from mmscene.model.compose import compose
+
+        return compose(vision, llm, **kwargs)
+
+    def save_pretrained(self, out_dir: str | Path, format: str = "mmscene", **kwargs: Any) -> Path:
+        """Write a checkpoint directory: ``mmscene`` (native) or ``llava-hf`` (transformers Llava)."""
+        from mmscene.model.formats import save_checkpoint
+
+        return save_checkpoint(self, out_dir, format=format, **kwargs)
+
+    def num_parameters(self) -> dict[str, int]:
+        """Unique parameter counts per part (tied weights counted once)."""
+        seen: set[int] = set()
+        counts = {}
+        for part in ("vision_tower", "projector", "language_model"):
+            n = 0
+            for p in getattr(self, part).parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+            counts[part] = n
+        counts["total"] = sum(counts.values())
+        return counts

@@ -1,0 +1,286 @@
+"""Checkpoint formats: detection, loading and saving.
+
+- ``mmscene``: ``config.json`` (``{"format": "mmscene", ...}``) + safetensors in mmscene's own keys.
+- ``llava-hf``: transformers ``LlavaForConditionalGeneration`` (both the legacy key layout found on
+  the hub and the layout transformers 5 keeps in memory).
+- ``llava_qwen``: the original LLaVA-NeXT ``LlavaQwenForCausalLM`` layout (``model.mm_projector.*``,
+  ``model.vision_tower.vision_tower.vision_model.*``, ``model.layers.*``, ``lm_head``).
+
+Key mapping is written out here rather than left to ``from_pretrained`` so that a missing
+weight is an error naming the key, never a silently random-initialised tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+from transformers.initialization import no_init_weights
+
+from mmscene.model.config import DEFAULT_IMAGE_TOKEN_ID, MultimodalConfig, hf_config_dict, load_preset
+from mmscene.model.core import MultimodalLM
+from mmscene.model.weights import read_weights, write_weights
+
+log = logging.getLogger(__name__)
+
+# Weights that exist in checkpoints but never influence the features the core uses.
+_UNUSED = re.compile(r"^vision_tower\.(post_layernorm|head)\.")
+_SIGLIP_PRESETS = {"google/siglip-so400m-patch14-384": "siglip-so400m-patch14-384-26l"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as a model."""
+
+
+# ---------------------------------------------------------------------- detection
+def detect_format(config: dict[str, Any]) -> str:
+    if config.get("format") == "mmscene":
+        return "mmscene"
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type == "llava" or "LlavaForConditionalGeneration" in archs:
+        return "llava-hf"
+    if model_type == "llava_qwen" or "LlavaQwenForCausalLM" in archs:
+        return "llava_qwen"
+    raise CheckpointError(
+        f"unknown checkpoint layout: model_type={model_type!r}, architectures={archs}; mmscene reads "
+        "mmscene checkpoints, transformers Llava ('llava') and original LLaVA-NeXT ('llava_qwen') checkpoints"
+    )
+
+
+def _resolve_dir(path: str | Path) -> Path:
+    local = Path(path)
+    if local.is_dir():
+        return local
+    if local.exists() or str(path).startswith((".", "/")) or str(path).count("/") != 1:
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    from huggingface_hub import snapshot_download  # a hub id such as llava-hf/llava-interleave-qwen-0.5b-hf
+
+    return Path(
+        snapshot_download(
+            str(path), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+        )
+    )
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> MultimodalLM:
+    folder = _resolve_dir(path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"no config.json in {folder}")
+    raw = json.loads(cfg_file.read_text())
+    fmt = detect_format(raw)
+    state = read_weights(folder)
+    if fmt == "mmscene":
+        config = MultimodalConfig.from_dict({**raw, **overrides})
+    elif fmt == "llava-hf":
+        config = _config_from_llava_hf(raw, overrides)
+        state = _remap(state, _llava_hf_key)
+    else:
+        config = _config_from_llava_qwen(raw, state, folder, overrides)
+        state = _remap(state, _llava_qwen_key)
+    model = build_empty(config, dtype)
+    _load_state(model, state, source=f"{fmt} checkpoint {folder}")
+    model.tokenizer = _maybe_tokenizer(folder)
+    return model
+
+
+def build_empty(config: MultimodalConfig, dtype: torch.dtype | None = None) -> MultimodalLM:
+    """A model whose weights are about to be loaded: skip the (slow) random init."""
+    with no_init_weights():
+        model = MultimodalLM(config)
+    return model.to(dtype) if dtype is not None else model
+
+
+def _maybe_tokenizer(folder: Path):
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+
+
+# ---------------------------------------------------------------------- key mapping
+def _remap(state: dict[str, torch.Tensor], rule: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        new = rule(key)
+        if new is None:
+            log.info("ignoring checkpoint tensor %s (not used by the mmscene core)", key)
+            continue
+        out[new] = value
+    return out
+
+
+_LLAVA_HF_RULES = [
+    (re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?"), "vision_tower."),
+    (re.compile(r"^(model\.)?multi_modal_projector\."), "projector."),
+    (re.compile(r"^language_model\.model\."), "language_model.model."),
+    (re.compile(r"^language_model\.lm_head\."), "language_model.lm_head."),
+    (re.compile(r"^model\.language_model\."), "language_model.model."),
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+]
+
+_LLAVA_QWEN_RULES = [
+    (re.compile(r"^model\.vision_tower\.vision_tower\.(vision_model\.)?"), "vision_tower."),
+    (re.compile(r"^model\.mm_projector\.0\."), "projector.linear_1."),
+    (re.compile(r"^model\.mm_projector\.2\."), "projector.linear_2."),
+    (re.compile(r"^model\.mm_projector\.(?=weight|bias)"), "projector.linear_1."),
+    (re.compile(r"^model\.image_newline$"), None),  # anyres row separator, unused for interleaved inputs
+    (re.compile(r"^model\."), "language_model.model."),
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+]
+
+
+def _apply_rules(rules, key: str) -> str | None:
+    for pattern, repl in rules:
+        if pattern.search(key):
+            return None if repl is None else pattern.sub(repl, key, count=1)
+    raise CheckpointError(f"unexpected tensor {key!r}: not part of a known checkpoint layout")
+
+
+def _llava_hf_key(key: str) -> str | None:
+    return _apply_rules(_LLAVA_HF_RULES, key)
+
+
+def _llava_qwen_key(key: str) -> str | None:
+    return _apply_rules(_LLAVA_QWEN_RULES, key)
+
+
+def _load_state(model: MultimodalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    tied = bool(getattr(model.config.text_config, "tie_word_embeddings", False))
+    unexpected = sorted(k for k in state if k not in expected and not _UNUSED.match(k))
+    if unexpected:
+        raise CheckpointError(f"{source} holds tensors the model does not have: {unexpected[:20]}")
+    missing = sorted(
+        k
+        for k in expected
+        if k not in state and not _UNUSED.match(k) and not (tied and k == "language_model.lm_head.weight")
+    )
+    if missing:
+        raise CheckpointError(
+            f"{source} is missing weights: {missing[:20]}" + (" ..." if len(missing) > 20 else "")
+        )
+    for key, value in state.items():
+        if key in expected and value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    if tied:
+        model.language_model.tie_weights()
+
+
+# ---------------------------------------------------------------------- configs of foreign formats
+def _config_from_llava_hf(raw: dict[str, Any], overrides: dict[str, Any]) -> MultimodalConfig:
+    hf = AutoConfig.for_model(**raw)
+    vision = hf.vision_config
+    layer = hf.vision_feature_layer
+    if not isinstance(layer, int):
+        raise CheckpointError(f"multi-layer vision features ({layer}) are not supported")
+    values = dict(
+        vision=hf_config_dict(vision),
+        text=hf_config_dict(hf.text_config),
+        projector="mlp2x_gelu",
+        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+        vision_feature_layer=layer,
+        vision_feature_select=hf.vision_feature_select_strategy,
+        image_token_id=int(hf.image_token_id),
+    )
+    if hf.projector_hidden_act != "gelu":
+        raise CheckpointError(
+            f"projector activation {hf.projector_hidden_act!r} is not supported (gelu only)"
+        )
+    return MultimodalConfig(**{**values, **overrides})
+
+
+def _config_from_llava_qwen(
+    raw: dict[str, Any], state: dict[str, torch.Tensor], folder: Path, overrides: dict[str, Any]
+) -> MultimodalConfig:
+    projector = raw.get("mm_projector_type", "linear")
+    if projector not in ("mlp2x_gelu", "linear"):
+        raise CheckpointError(f"projector type {projector!r} is not supported (mlp2x_gelu, linear)")
+    vision = overrides.pop("vision", None) or _llava_qwen_vision(raw, folder)
+    # The original tower drops trailing layers at build time; trust the weights for the count.
+    layer_ids = {
+        int(m.group(1)) for k in state if (m := re.search(r"vision_tower\..*encoder\.layers\.(\d+)\.", k))
+    }
+    if layer_ids:
+        vision = {**vision, "num_hidden_layers": max(layer_ids) + 1}
+    text = {
+        k: v
+        for k, v in raw.items()
+        if not k.startswith(("mm_", "image_", "tokenizer_", "use_mm_", "unfreeze_"))
+    }
+    for key in ("architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        text.pop(key, None)
+    text["model_type"] = "qwen2"
+    is_siglip = "siglip" in vision.get("model_type", "")
+    select = raw.get("mm_vision_select_feature", "patch")
+    values = dict(
+        vision=vision,
+        text=text,
+        projector=projector,
+        vision_feature_layer=int(raw.get("mm_vision_select_layer", -1)),
+        # The original SigLIP tower keeps all patches; CLIP's "patch" drops CLS.
+        vision_feature_select="full" if is_siglip or select == "cls_patch" else "default",
+        image_token_id=int(raw.get("image_token_index", DEFAULT_IMAGE_TOKEN_ID)),
+    )
+    return MultimodalConfig(**{**values, **overrides})
+
+
+def _llava_qwen_vision(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    name = str(raw.get("mm_vision_tower", ""))
+    for candidate in (Path(name), folder / name):
+        if name and (candidate / "config.json").is_file():
+            cfg = AutoConfig.from_pretrained(str(candidate), trust_remote_code=False)
+            cfg = getattr(cfg, "vision_config", cfg)
+            return hf_config_dict(cfg)
+    if name in _SIGLIP_PRESETS:
+        return load_preset(_SIGLIP_PRESETS[name])
+    raise CheckpointError(
+        f"cannot resolve the vision tower {name!r} of this llava_qwen checkpoint: give a local folder with its "
+        "config.json as mm_vision_tower, or pass vision=<config dict or preset>"
+    )
+
+
+# ---------------------------------------------------------------------- saving
+def save_checkpoint(model: MultimodalLM, out_dir: str | Path, format: str = "mmscene", **kwargs: Any) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if format == "mmscene":
+        _save_native(model, out, **kwargs)
+    elif format == "llava-hf":
+        from mmscene.model.export_hf import save_llava_hf
+
+        save_llava_hf(model, out, **kwargs)
+    else:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose 'mmscene' or 'llava-hf'")
+    return out
+
+
+def unique_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
+    """The state dict without the tied copy of the embeddings (safetensors refuses shared storage)."""
+    state = model.state_dict()
+    if getattr(model.config.text_config, "tie_word_embeddings", False):
+        state.pop("language_model.lm_head.weight", None)
+    return state
+
+
+def _save_native(model: MultimodalLM, out: Path, max_shard_size: str | int = "5GB") -> None:
+    config = model.config
+    config_dict = config.to_dict()
+    for part in ("vision", "text"):
+        if isinstance(config_dict[part], PretrainedConfig):
+            config_dict[part] = hf_config_dict(config_dict[part])
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2))
+    write_weights(unique_state(model), out, max_shard_size=max_shard_size)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(out))

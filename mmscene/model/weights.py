@@ -1,0 +1,53 @@
+"""Reading and writing safetensors weight folders (single file or sharded with an index)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import load_file, save_file
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        index = json.loads((folder / INDEX).read_text())
+        return [folder / name for name in sorted(set(index["weight_map"].values()))]
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = (
+        f" (found {pickles}: convert them to safetensors; pickled weights are not loaded)" if pickles else ""
+    )
+    raise FileNotFoundError(f"no safetensors weights in {folder}{hint}")
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        state.update(load_file(str(file)))
+    return state
+
+
+def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str | int = "5GB") -> None:
+    """Write ``state`` as safetensors; shared (tied) tensors must be removed by the caller."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file(
+            {k: state[k].detach().contiguous().cpu() for k in keys},
+            str(folder / filename),
+            metadata={"format": "pt"},
+        )
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / INDEX).write_text(json.dumps(index, indent=2))
