@@ -1,0 +1,130 @@
+"""The scenario plugin contract: the bottom floor that the data plumbing and every plugin import.
+
+A scenario plugin is a :class:`Scenario` subclass registered under the ``mmscene.scenarios``
+entry point group. It contributes three things:
+
+1. ``load(sample)``: a raw WebDataset sample (``{"__key__": str, "json": bytes, "<ext>": bytes}``)
+   → an :class:`Example` with decoded media; raise :class:`SkipSample` for bad samples.
+2. ``format(example, rng)``: an :class:`Example` → a :class:`Prompt`, the interleaved
+   conversation where every ``<image>`` stands for one entry of ``images``, in order.
+3. ``metrics(task, question_type)``: torchmetrics objects that score generated answers.
+
+The constructor takes keyword options only, so configs can set them
+(``scenarios: {video: {num_frames: 8}}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from typing import Any, ClassVar
+
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used. ``reason`` is a short stable slug that reports count by."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclasses.dataclass
+class Example:
+    """A decoded sample, before any prompt decisions.
+
+    conversation: ``[{"role": "user"|"assistant"|"system", "content": str}]``; user turns may hold
+        ``<image>`` placeholders as written in the record.
+    images: decoded still images (single image, multi-image set, or 3D views).
+    frames: decoded video frames (already sampled), with ``frame_times`` in seconds.
+    record: the sample's ``KEY.json`` document (see :mod:`mmscene.data.schema`).
+    """
+
+    key: str
+    scenario: str
+    task: str
+    conversation: list[dict[str, str]]
+    images: list[Image.Image] = dataclasses.field(default_factory=list)
+    frames: list[Image.Image] = dataclasses.field(default_factory=list)
+    frame_times: list[float] = dataclasses.field(default_factory=list)
+    question_type: str = "open-ended"
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Prompt:
+    """What the tokenizer and the model see.
+
+    images[i] fills the i-th ``<image>`` of the conversation; pooled[i] marks video frames whose
+    patch grid the model may pool. ``answer`` is the reference of the last assistant turn,
+    used by generation-based validation.
+    """
+
+    key: str
+    scenario: str
+    task: str
+    conversation: list[dict[str, str]]
+    images: list[Image.Image]
+    pooled: list[bool]
+    question_type: str = "open-ended"
+    answer: str = ""
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = sum(turn["content"].count(IMAGE_PLACEHOLDER) for turn in self.conversation)
+        if n != len(self.images):
+            raise SkipSample("placeholder_mismatch", f"{n} <image> placeholders for {len(self.images)} images")
+        if len(self.pooled) != len(self.images):
+            raise ValueError(f"pooled has {len(self.pooled)} flags for {len(self.images)} images")
+
+
+class Scenario:
+    """Base class of scenario plugins. Subclasses set ``name`` and implement ``load``/``format``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def load(self, sample: dict[str, Any]) -> Example:
+        raise NotImplementedError
+
+    def format(self, example: Example, rng: random.Random) -> Prompt:
+        raise NotImplementedError
+
+    def metrics(self, task: str, question_type: str) -> dict[str, Any]:
+        """Default scoring: option accuracy for multiple choice, ROUGE-L F1 for open answers."""
+        from mmscene.metrics import default_metrics
+
+        return default_metrics(question_type)
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options this instance was built with (shown by ``mmscene plugins``)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    # -- helpers plugins share -------------------------------------------------------------
+    @staticmethod
+    def read_record(sample: dict[str, Any]) -> dict[str, Any]:
+        """The sample's ``KEY.json`` document, validated against the shard schema."""
+        from mmscene.data.schema import validate_record
+
+        raw = sample.get("json")
+        if raw is None:
+            raise SkipSample("missing_json", f"sample {sample.get('__key__')} has no .json member")
+        try:
+            record = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SkipSample("bad_json", str(err)) from err
+        validate_record(record)
+        return record
+
+    @staticmethod
+    def answer_of(conversation: list[dict[str, str]]) -> str:
+        for turn in reversed(conversation):
+            if turn["role"] == "assistant":
+                return turn["content"]
+        return ""
