@@ -10,7 +10,7 @@ VOCAB = 512
 
 
 def tiny_vision_config(**kw) -> SiglipVisionConfig:
-    return SiglipVisionConfig(
+    values = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -18,8 +18,8 @@ def tiny_vision_config(**kw) -> SiglipVisionConfig:
         image_size=28,
         patch_size=14,
         vision_use_head=False,
-        **kw,
     )
+    return SiglipVisionConfig(**{**values, **kw})
 
 
 def tiny_text_config(**kw) -> Qwen2Config:

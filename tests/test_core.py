@@ -123,3 +123,23 @@ def test_real_size_configs_on_meta(text, llm_params):
     assert counts["projector"] == 1152 * h + h + h * h + h
     assert model.tokens_per_image() == 729
     assert len(model.vision_tower.encoder.layers) == 26
+
+
+def test_stage_composition_drops_last_vision_layer(tmp_path):
+    from transformers import Qwen2ForCausalLM, SiglipVisionModel
+
+    from helpers import tiny_text_config, tiny_vision_config
+
+    full_tower = SiglipVisionModel(tiny_vision_config(num_hidden_layers=3)).eval()
+    full_tower.save_pretrained(tmp_path / "siglip")
+    Qwen2ForCausalLM(tiny_text_config()).save_pretrained(tmp_path / "qwen")
+    model = MultimodalLM.from_components(tmp_path / "siglip", tmp_path / "qwen", image_token_id=IMAGE_TOKEN).eval()
+    assert len(model.vision_tower.encoder.layers) == 2
+    pixels = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        expected = model.projector(full_tower(pixels, output_hidden_states=True).hidden_states[-2])
+        torch.testing.assert_close(model.encode_images(pixels), expected[0])
+    # The composed model saves and reloads in its own format with the shortened tower.
+    model.save_pretrained(tmp_path / "stage")
+    again = MultimodalLM.from_pretrained(tmp_path / "stage")
+    assert again.config.vision_config.num_hidden_layers == 2

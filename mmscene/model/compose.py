@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +37,8 @@ def compose(
         tower.config.num_hidden_layers = len(layers)
     lm = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype, trust_remote_code=False)
     tokenizer = None
-    try:
+    with contextlib.suppress(OSError, ValueError):  # weights without a tokenizer: the data side brings one
         tokenizer = AutoTokenizer.from_pretrained(str(llm), trust_remote_code=False)
-    except (OSError, ValueError):
-        pass  # weights without a tokenizer: the data side brings one
     if image_token_id is None:
         image_token_id = _image_token_id(tokenizer)
     config = MultimodalConfig(
