@@ -69,21 +69,47 @@ def _resolve_dir(path: str | Path) -> Path:
     )
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> MultimodalLM:
+def read_config(path: str | Path, **overrides: Any) -> MultimodalConfig:
+    """The model config of a checkpoint directory of any known format, without its weights."""
     folder = _resolve_dir(path)
+    raw, fmt = _raw_config(folder)
+    state = None
+    if fmt == "llava_qwen":
+        from safetensors import safe_open
+
+        from mmscene.model.weights import weight_files
+
+        state = {}
+        for file in weight_files(folder):
+            with safe_open(str(file), "pt") as f:
+                state.update(dict.fromkeys(f.keys()))
+    return _config(fmt, raw, state, folder, dict(overrides))
+
+
+def _raw_config(folder: Path) -> tuple[dict[str, Any], str]:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"no config.json in {folder}")
     raw = json.loads(cfg_file.read_text())
-    fmt = detect_format(raw)
-    state = read_weights(folder)
+    return raw, detect_format(raw)
+
+
+def _config(fmt: str, raw: dict[str, Any], state, folder: Path, overrides: dict[str, Any]) -> MultimodalConfig:
     if fmt == "mmscene":
-        config = MultimodalConfig.from_dict({**raw, **overrides})
-    elif fmt == "llava-hf":
-        config = _config_from_llava_hf(raw, overrides)
+        return MultimodalConfig.from_dict({**raw, **overrides})
+    if fmt == "llava-hf":
+        return _config_from_llava_hf(raw, overrides)
+    return _config_from_llava_qwen(raw, state, folder, overrides)
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> MultimodalLM:
+    folder = _resolve_dir(path)
+    raw, fmt = _raw_config(folder)
+    state = read_weights(folder)
+    config = _config(fmt, raw, state, folder, overrides)
+    if fmt == "llava-hf":
         state = _remap(state, _llava_hf_key)
-    else:
-        config = _config_from_llava_qwen(raw, state, folder, overrides)
+    elif fmt == "llava_qwen":
         state = _remap(state, _llava_qwen_key)
     model = build_empty(config, dtype)
     _load_state(model, state, source=f"{fmt} checkpoint {folder}")

@@ -1,0 +1,47 @@
+"""Batching encoded samples: right-padded rows (training) or left-padded prompts (generation)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmscene.model.core import IGNORE_INDEX
+
+META_KEYS = ("key", "scenario", "task", "question_type", "answer", "options")
+
+
+def _cat_images(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = [s["pixel_values"] for s in samples if s["pixel_values"].shape[0]]
+    pooling = [s["image_pooling"] for s in samples if s["pixel_values"].shape[0]]
+    if not pixels:
+        size = samples[0]["pixel_values"].shape[-1]
+        return torch.zeros(0, 3, size, size), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(pixels), torch.cat(pooling)
+
+
+def pad_collate(samples: list[dict[str, Any]], pad_id: int, left: bool = False) -> dict[str, Any]:
+    longest = max(s["input_ids"].shape[0] for s in samples)
+    n = len(samples)
+    input_ids = torch.full((n, longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, longest), dtype=torch.long)
+    has_labels = "labels" in samples[0]
+    labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    for i, s in enumerate(samples):
+        length = s["input_ids"].shape[0]
+        cols = slice(longest - length, longest) if left else slice(0, length)
+        input_ids[i, cols] = s["input_ids"]
+        attention_mask[i, cols] = 1
+        if has_labels:
+            labels[i, cols] = s["labels"]
+    pixel_values, image_pooling = _cat_images(samples)
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,
+        "image_pooling": image_pooling,
+        "meta": [{k: s.get(k) for k in META_KEYS} for s in samples],
+    }
+    if has_labels:
+        batch["labels"] = labels
+    return batch

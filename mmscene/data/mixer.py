@@ -1,0 +1,230 @@
+"""The scenario mixer: weighted draws from sources, per rank and worker, batch by batch.
+
+Each DataLoader worker ("slot") owns one slice of every source. Which source feeds the next
+sample is a pure function of ``(seed, rank, slot, draw)``, and formatting randomness (in-front
+vs interleaved placement) is seeded the same way, so a slot's future depends only on its
+declarative state: the draw counter and its streams' cursors. Every batch carries that state;
+the data module keeps the last state of each slot that the trainer consumed and resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from itertools import accumulate
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmscene.data.skips import SkipCounter
+from mmscene.data.stream import ShardStream, expand_shards
+from mmscene.scenario import Scenario, SkipSample
+
+log = logging.getLogger(__name__)
+STATE_KEY = "_data_state"
+
+
+@dataclasses.dataclass
+class Source:
+    """One weighted stream of shards handled by one scenario plugin."""
+
+    shards: str | list[str]
+    scenario: str
+    weight: float = 1.0
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError(f"source {self.name or self.shards!r}: weight must be > 0, got {self.weight}")
+        if self.name is None:
+            self.name = self.scenario
+
+
+def check_sources(sources: list[Source]) -> dict[str, list[str]]:
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"source names must be unique; repeated: {dupes} (set `name:` on each source)")
+    found = {}
+    for s in sources:
+        shards = expand_shards(s.shards)
+        if not shards:
+            raise FileNotFoundError(f"source {s.name!r}: no shards match {s.shards!r}")
+        found[s.name] = shards
+    return found
+
+
+class WeightedChoice:
+    """Source index for draw ``d``: stateless, so a resumed slot continues the same sequence."""
+
+    def __init__(self, weights: list[float], seed: int, rank: int, slot: int):
+        total = sum(weights)
+        self.cum = list(accumulate(w / total for w in weights))
+        self.prefix = f"{seed}-{rank}-{slot}"
+
+    def __call__(self, draw: int) -> int:
+        u = random.Random(f"{self.prefix}-{draw}").random()
+        return min(bisect_right(self.cum, u), len(self.cum) - 1)
+
+
+class MixedBatches(IterableDataset):
+    """Endless batches mixed from all sources; ``encode`` turns a Prompt into tensors."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        scenarios: dict[str, Scenario],
+        encode: Callable[[Any], dict[str, Any]],
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.sources = sources
+        self.shards = check_sources(sources)
+        self.scenarios = scenarios
+        self.encode = encode
+        self.collate = collate
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.resume: dict[str, Any] | None = None  # {"consumed": n, "slots": {slot: state}}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        offset = self.resume["consumed"] % n_workers if self.resume else 0
+        # The trainer consumes slots round-robin from worker 0; after a resume the slot that
+        # was due next must be served first, so worker w takes over slot (offset + w).
+        slot = (offset + worker) % n_workers
+        saved = (self.resume or {}).get("slots", {}).get(str(slot))
+        return self._batches(slot, n_workers, saved)
+
+    def _batches(self, slot: int, n_slots: int, saved: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        slice_id, n_slices = self.rank * n_slots + slot, self.world_size * n_slots
+        skips = SkipCounter()
+        streams = {
+            s.name: ShardStream(self.shards[s.name], slice_id, n_slices, self.seed, s.name, skips) for s in self.sources
+        }
+        draw = 0
+        if saved is not None:
+            draw = saved["draw"]
+            skips.load_state_dict(saved["skips"])
+            for name, state in saved["streams"].items():
+                streams[name].load_state_dict(state)
+        iters = {name: iter(stream) for name, stream in streams.items()}
+        choose = WeightedChoice([s.weight for s in self.sources], self.seed, self.rank, slot)
+        while True:
+            samples = []
+            while len(samples) < self.batch_size:
+                source = self.sources[choose(draw)]
+                draw += 1
+                raw = next(iters[source.name])
+                rng = random.Random(f"{self.seed}-{self.rank}-{slot}-{draw}")
+                sample = self._prepare(source, raw, rng, skips)
+                if sample is not None:
+                    samples.append(sample)
+            batch = self.collate(samples)
+            batch[STATE_KEY] = {
+                "slot": slot,
+                "state": {
+                    "draw": draw,
+                    "skips": skips.state_dict(),
+                    "streams": {name: s.state_dict() for name, s in streams.items()},
+                },
+            }
+            yield batch
+
+    def _prepare(self, source: Source, raw: dict[str, Any], rng: random.Random, skips: SkipCounter):
+        scenario = self.scenarios[source.scenario]
+        try:
+            example = scenario.load(raw)
+            prompt = scenario.format(example, rng)
+            sample = self.encode(prompt)
+        except SkipSample as skip:
+            skips.add(source.scenario, skip.reason, f"{raw.get('__key__')} in {raw.get('__shard__')}: {skip.detail}")
+            return None
+        except Exception as err:  # noqa: BLE001 - one bad sample must not end a multi-day run
+            log.exception("unexpected error on sample %s", raw.get("__key__"))
+            skips.add(source.scenario, f"error_{type(err).__name__}", str(err))
+            return None
+        sample.update(
+            key=prompt.key,
+            scenario=prompt.scenario,
+            task=prompt.task,
+            question_type=prompt.question_type,
+            answer=prompt.answer,
+            options=prompt.meta.get("options"),
+        )
+        return sample
+
+
+def count_samples(shards: list[str]) -> list[str]:
+    """Keys of all samples in ``shards``, in order (tar headers only; media is not read)."""
+    import tarfile
+
+    keys: list[str] = []
+    for shard in shards:
+        seen = set()
+        with tarfile.open(shard, "r") as tar:
+            for member in tar:
+                key = member.name.rsplit("/", 1)[-1].split(".", 1)[0]
+                if key not in seen:
+                    seen.add(key)
+                    keys.append(key)
+    return keys
+
+
+class EvalSamples(IterableDataset):
+    """One pass over evaluation shards, split across ranks with equal counts.
+
+    Ranks whose share is short repeat a sample flagged ``pad`` so that every rank runs the same
+    number of (sharded) generation steps; padded samples are not scored.
+    """
+
+    def __init__(self, sources: list[Source], scenarios: dict[str, Scenario], encode, rank: int = 0, world_size: int = 1):
+        self.sources = sources
+        self.shards = check_sources(sources)
+        self.scenarios = scenarios
+        self.encode = encode
+        self.rank, self.world_size = rank, world_size
+        self.total = sum(len(count_samples(self.shards[s.name])) for s in sources)
+        self.per_rank = -(-self.total // world_size)
+        self.skips = SkipCounter()
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if get_worker_info() is not None and get_worker_info().num_workers > 1:
+            raise RuntimeError("evaluation loaders run with num_workers <= 1 so that every rank sees its share once")
+        index = 0
+        emitted = 0
+        last = None
+        for source in self.sources:
+            stream = ShardStream(self.shards[source.name], 0, 1, 0, source.name, self.skips, shuffle=False)
+            it = iter(stream)
+            n = len(count_samples(self.shards[source.name]))
+            for _ in range(n):
+                raw = next(it)
+                mine = index % self.world_size == self.rank
+                index += 1
+                if not mine:
+                    continue
+                rng = random.Random(f"eval-{raw.get('__key__')}")
+                sample = MixedBatches._prepare(self, source, raw, rng, self.skips)
+                if sample is None:
+                    sample = dict(last, pad=True) if last is not None else None
+                if sample is not None:
+                    sample.setdefault("pad", False)
+                    last = sample
+                    emitted += 1
+                    yield sample
+        while emitted < self.per_rank and last is not None:
+            emitted += 1
+            yield dict(last, pad=True)

@@ -1,0 +1,34 @@
+"""Counting skipped samples: nothing is dropped without a reason that reaches the logs."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+log = logging.getLogger("mmscene.skips")
+
+
+class SkipCounter:
+    """Counts per ``scenario/reason``; logs the first few details of each reason."""
+
+    def __init__(self, log_first: int = 5):
+        self.counts: Counter[str] = Counter()
+        self.log_first = log_first
+
+    def add(self, scenario: str, reason: str, detail: str = "") -> None:
+        key = f"{scenario}/{reason}"
+        self.counts[key] += 1
+        if self.counts[key] <= self.log_first:
+            log.warning("skipped sample (%s): %s", key, detail)
+        elif self.counts[key] == self.log_first + 1:
+            log.warning("skipped sample (%s): further skips of this reason are only counted", key)
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.counts = Counter(state)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
