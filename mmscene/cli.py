@@ -1,0 +1,89 @@
+"""The ``mmscene`` command: Lightning verbs plus data, export, plugin and cluster tools."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmscene",
+        description="Train and evaluate LLaVA-NeXT-Interleave-style models. "
+        "Training verbs: mmscene fit|validate|test|predict --config X.yaml (see --help of each).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="convert, generate and inspect shards").add_subparsers(dest="data_command", required=True)
+    from mmscene.data.convert import add_convert_arguments
+
+    add_convert_arguments(data.add_parser("convert", help="LLaVA / M4-Instruct annotations -> WebDataset shards"))
+    from mmscene.data.demo import add_demo_arguments
+
+    add_demo_arguments(data.add_parser("demo", help="synthetic four-scenario dataset for configs/demo.yaml"))
+    try:
+        from mmscene.data.inspect import add_inspect_arguments
+
+        add_inspect_arguments(data.add_parser("inspect", help="show samples of a shard or folder"))
+    except ImportError:
+        pass
+
+    export = sub.add_parser("export", help="export a training checkpoint").add_subparsers(dest="format", required=True)
+    from mmscene.export import add_export_arguments
+
+    add_export_arguments(export.add_parser("hf", help="transformers LlavaForConditionalGeneration directory"))
+    add_export_arguments(export.add_parser("mmscene", help="mmscene's own checkpoint directory"))
+
+    sub.add_parser("plugins", help="list installed scenario plugins")
+    return parser
+
+
+def _plugins_main() -> int:
+    from mmscene.registry import available, scenario_class
+
+    for name, ep in available().items():
+        try:
+            cls = scenario_class(name)
+            desc = cls.description or (cls.__doc__ or "").strip().splitlines()[0]
+        except Exception as err:  # noqa: BLE001 - a broken plugin is reported, not fatal to the listing
+            desc = f"(failed to load: {err})"
+        dist = ep.dist.name if getattr(ep, "dist", None) else "?"
+        print(f"{name:<16} {ep.value:<48} [{dist}]  {desc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in LIGHTNING_VERBS:
+        from mmscene.train.cli import lightning_main
+
+        lightning_main(argv)
+        return 0
+    args = _parser().parse_args(argv)
+    if args.command == "data":
+        if args.data_command == "convert":
+            from mmscene.data.convert import convert_main
+
+            return convert_main(args)
+        if args.data_command == "demo":
+            from mmscene.data.demo import demo_main
+
+            return demo_main(args)
+        from mmscene.data.inspect import inspect_main
+
+        return inspect_main(args)
+    if args.command == "export":
+        from mmscene.export import export_main
+
+        return export_main(args, "llava-hf" if args.format == "hf" else "mmscene")
+    if args.command == "plugins":
+        return _plugins_main()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

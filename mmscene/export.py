@@ -1,0 +1,51 @@
+"""``mmscene export hf``: a training checkpoint → a transformers Llava (or mmscene) directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def load_module_from_checkpoint(path: str | Path):
+    """The trained module from a Lightning checkpoint file or a sharded (distributed) checkpoint folder."""
+    from mmscene.train.checkpoint import read_training_checkpoint
+    from mmscene.train.module import MMSceneModule
+
+    ckpt = read_training_checkpoint(Path(path))
+    hparams = dict(ckpt["hyper_parameters"])
+    module = MMSceneModule(**hparams)
+    module.configure_model()
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = module.model.load_state_dict(state, strict=False)
+    tied = getattr(module.model_config.text_config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "language_model.lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    return module, ckpt
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt file or sharded checkpoint folder")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run trained with)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+def export_main(args: argparse.Namespace, fmt: str) -> int:
+    from mmscene.train.datamodule import load_tokenizer
+
+    module, ckpt = load_module_from_checkpoint(args.checkpoint)
+    model = module.model
+    if args.dtype:
+        model = model.to(getattr(torch, args.dtype))
+    tokenizer_path = args.tokenizer or (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer")
+    if tokenizer_path:
+        model.tokenizer = load_tokenizer(tokenizer_path)
+    out = model.save_pretrained(args.out, format=fmt)
+    print(f"wrote {fmt} checkpoint to {out}")
+    return 0

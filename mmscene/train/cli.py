@@ -1,0 +1,25 @@
+"""``mmscene fit|validate|test|predict``: LightningCLI over the module and data module."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from mmscene.train.datamodule import MMSceneDataModule
+from mmscene.train.module import MMSceneModule
+
+
+class MMSceneCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.check_val_every_n_epoch": None})
+
+
+def lightning_main(args: list[str]) -> None:
+    MMSceneCLI(
+        MMSceneModule,
+        MMSceneDataModule,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        subclass_mode_model=False,
+        subclass_mode_data=False,
+    )

@@ -1,0 +1,230 @@
+"""The LightningDataModule: sources → plugins → prompt encoder → mixed, resumable batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.collate import pad_collate
+from mmscene.data.encode import PromptEncoder
+from mmscene.data.mixer import STATE_KEY, EvalSamples, MixedBatches, Source, check_sources
+from mmscene.registry import get_scenario
+
+log = logging.getLogger(__name__)
+
+
+def _sources(specs: list[dict[str, Any]] | None, what: str) -> list[Source]:
+    out = []
+    for i, spec in enumerate(specs or []):
+        if not isinstance(spec, dict):
+            raise ValueError(f"data.{what}[{i}] must be a mapping with shards / scenario / weight")
+        unknown = sorted(set(spec) - {"shards", "scenario", "weight", "name"})
+        if unknown:
+            raise ValueError(f"data.{what}[{i}]: unknown keys {unknown} (allowed: shards, scenario, weight, name)")
+        if "shards" not in spec or "scenario" not in spec:
+            raise ValueError(f"data.{what}[{i}] needs 'shards' and 'scenario'")
+        out.append(Source(**spec))
+    return out
+
+
+class MMSceneDataModule(L.LightningDataModule):
+    """
+    Args:
+        tokenizer: folder or hub id of the tokenizer (its chat template is used when it has one).
+        train / val / test: sources, each ``{shards: glob|list, scenario: name, weight: float, name: str}``.
+        scenarios: options per scenario plugin, e.g. ``{video: {num_frames: 8}}``.
+        batch_size: training samples per batch and rank; eval_batch_size likewise for generation.
+        num_workers: DataLoader workers per rank for training (evaluation uses at most one).
+        max_length: token limit per sample; ``overflow`` trims whole turns or skips the sample.
+        system_prompt: system turn added to every conversation (null: none).
+        pad_to_square: pad images to a square with the mean colour before resizing.
+        seed: data order and formatting randomness (independent of the model seed).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train: list[dict[str, Any]] | None = None,
+        val: list[dict[str, Any]] | None = None,
+        test: list[dict[str, Any]] | None = None,
+        scenarios: dict[str, dict[str, Any]] | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        max_length: int | None = 4096,
+        overflow: Literal["trim", "skip"] = "trim",
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        pad_to_square: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("batch sizes must be >= 1")
+        self.sources = {"train": _sources(train, "train"), "val": _sources(val, "val"), "test": _sources(test, "test")}
+        for stage, sources in self.sources.items():
+            if sources:
+                try:
+                    check_sources(sources)
+                except (FileNotFoundError, ValueError) as err:
+                    raise ValueError(f"data.{stage}: {err}") from err
+        options = scenarios or {}
+        used = {s.scenario for group in self.sources.values() for s in group}
+        stray = sorted(set(options) - used)
+        if stray:
+            log.warning("options given for scenarios no source uses: %s", stray)
+        # Fails here, at start, when no installed plugin provides a scenario.
+        self.scenarios = {name: get_scenario(name, **options.get(name, {})) for name in sorted(used)}
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers = num_workers
+        self.max_length, self.overflow = max_length, overflow
+        self.system_prompt = system_prompt
+        self.pad_to_square = pad_to_square
+        self.seed = seed
+        self.encoder: PromptEncoder | None = None
+        self._consumed = 0
+        self._slots: dict[str, Any] = {}
+        self._resume: dict[str, Any] | None = None
+        self._task_cache: dict[str, list[tuple[str, str, str]]] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module
+        geometry = module.geometry(self.pad_to_square)
+        token_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        if token_id is not None and token_id != self.tokenizer.unk_token_id and token_id != geometry.image_token_id:
+            raise ValueError(
+                f"the tokenizer's <image> id is {token_id} but the model's image_token_id is {geometry.image_token_id}"
+            )
+        vocab = module.model_config.text_config.vocab_size
+        if len(self.tokenizer) > vocab:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the LLM vocabulary only {vocab}")
+        self.encoder = PromptEncoder(
+            self.tokenizer, geometry, self.system_prompt, max_length=self.max_length, overflow=self.overflow
+        )
+        module.tokenizer = self.tokenizer
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self._trainer if hasattr(self, "_trainer") else None
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        if not self.sources["train"]:
+            raise ValueError("data.train has no sources")
+        rank, world = self._rank()
+        dataset = MixedBatches(
+            self.sources["train"],
+            self.scenarios,
+            self.encoder.encode,
+            partial(pad_collate, pad_id=self.tokenizer.pad_token_id),
+            self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+        )
+        if self._resume is not None:
+            if self._resume.get("num_workers") != self.num_workers:
+                raise ValueError(
+                    f"resuming the data stream needs num_workers={self._resume.get('num_workers')} "
+                    f"(the checkpoint's), got {self.num_workers}"
+                )
+            dataset.resume = {"consumed": self._resume["consumed"], "slots": self._resume["slots"]}
+            self._consumed, self._slots = self._resume["consumed"], dict(self._resume["slots"])
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+
+    def _eval_loader(self, stage: str) -> DataLoader | list:
+        if not self.sources[stage]:
+            return []
+        rank, world = self._rank()
+        dataset = EvalSamples(self.sources[stage], self.scenarios, self.encoder.encode_for_generation, rank, world)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            num_workers=0,
+            collate_fn=partial(_eval_collate, pad_id=self.tokenizer.pad_token_id),
+        )
+
+    def val_dataloader(self):
+        return self._eval_loader("val")
+
+    def test_dataloader(self):
+        return self._eval_loader("test")
+
+    def eval_tasks(self, stage: str) -> list[tuple[str, str, str]]:
+        if stage not in self._task_cache:
+            found = set()
+            for source in self.sources[stage]:
+                for shard in check_sources([source])[source.name]:
+                    for record in _records(shard):
+                        found.add((source.scenario, record["task"], record["question_type"]))
+            self._task_cache[stage] = sorted(found)
+        return self._task_cache[stage]
+
+    # ------------------------------------------------------------------ resumable state
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and STATE_KEY in batch:
+            entry = batch.pop(STATE_KEY)
+            self._slots[str(entry["slot"])] = entry["state"]
+            self._consumed += 1
+        return batch
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped samples of this rank's training stream, by ``scenario/reason``."""
+        total: dict[str, int] = {}
+        for state in self._slots.values():
+            for key, n in state["skips"].items():
+                total[key] = total.get(key, 0) + n
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = {"consumed": self._consumed, "slots": self._slots, "num_workers": self.num_workers}
+        ranks = [mine]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)  # every rank's stream position, not only rank 0's
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank, world = self._rank()
+        ranks = state.get("ranks", [])
+        if not ranks:
+            return
+        if len(ranks) != world:
+            raise ValueError(f"the checkpoint's data state is for {len(ranks)} ranks; this run has {world}")
+        self._resume = ranks[rank]
+
+
+def _eval_collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    batch = pad_collate(samples, pad_id, left=True)
+    batch["pad"] = [bool(s.get("pad")) for s in samples]
+    return batch
+
+
+def _records(shard: str):
+    with tarfile.open(shard, "r") as tar:
+        for member in tar:
+            if member.name.endswith(".json"):
+                yield json.loads(tar.extractfile(member).read())
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if Path(path).exists() and not (Path(path) / "tokenizer_config.json").is_file():
+        raise ValueError(f"data.tokenizer: {path} holds no tokenizer (no tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,239 @@
+"""The LightningModule: builds the core lazily, trains it, validates by generating answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from mmscene.model.config import MultimodalConfig
+from mmscene.model.core import MultimodalLM
+from mmscene.train.evaluation import Scoreboard
+
+PARTS = ("vision", "projector", "llm")
+_ATTR = {"vision": "vision_tower", "projector": "projector", "llm": "language_model"}
+
+
+class MMSceneModule(L.LightningModule):
+    """
+    Args:
+        model: how to build the core: ``{"config": {...MultimodalConfig...}}`` (from scratch),
+            ``{"pretrained": path}`` (mmscene / llava-hf / llava_qwen directory), or
+            ``{"components": {"vision": path, "llm": path}}`` (fresh projector).
+        freeze: parts that are not trained (the paper freezes the vision tower).
+        lr: learning rate per part.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio`` at ``trainer.max_steps``.
+        max_new_tokens: generation length in validation and prediction.
+        activation_checkpointing: recompute each decoder / encoder layer in backward.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any] | None = None,
+        freeze: list[str] | None = None,
+        lr: dict[str, float] | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        max_new_tokens: int = 16,
+        activation_checkpointing: bool = False,
+        fsdp: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = model or {"config": {}}
+        self.freeze = list(["vision"] if freeze is None else freeze)
+        unknown = sorted(set(self.freeze) - set(PARTS))
+        if unknown:
+            raise ValueError(f"freeze: unknown parts {unknown}; choose from {PARTS}")
+        self.lr = {"vision": 2e-6, "projector": 1e-5, "llm": 1e-5, **(lr or {})}
+        unknown = sorted(set(self.lr) - set(PARTS))
+        if unknown:
+            raise ValueError(f"lr: unknown parts {unknown}; choose from {PARTS}")
+        self.model_config = model_config(self.spec)
+        self.model: MultimodalLM | None = None
+        self.tokenizer = None  # set by the data module
+        self.scoreboard: Scoreboard | None = None
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = build_model(self.spec, self.model_config)
+        for part in PARTS:
+            trainable = part not in self.freeze
+            getattr(self.model, _ATTR[part]).requires_grad_(trainable)
+        if self.hparams.activation_checkpointing:
+            self.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+            if hasattr(self.model.vision_tower, "gradient_checkpointing_enable"):
+                self.model.vision_tower.gradient_checkpointing_enable({"use_reentrant": False})
+        from mmscene.train.sharding import maybe_shard
+
+        maybe_shard(self, self.hparams.fsdp or {})
+
+    def geometry(self, pad_to_square: bool = True):
+        from mmscene.data.encode import ImageGeometry
+
+        with torch.device("meta"):
+            probe = MultimodalLM(self.model_config)
+        return ImageGeometry.of(probe, pad_to_square)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict[str, Any]):
+        return self.model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
+            position_ids=batch.get("position_ids"),
+            image_pooling=batch.get("image_pooling"),
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        tokens = batch["attention_mask"].sum() if batch.get("attention_mask") is not None else batch["input_ids"].numel()
+        self.log("train/tokens", tokens.float() if torch.is_tensor(tokens) else float(tokens), reduce_fx="sum", batch_size=n)
+        return loss
+
+    def configure_optimizers(self):
+        groups = []
+        for part in PARTS:
+            if part in self.freeze:
+                continue
+            decay, no_decay = [], []
+            for name, p in getattr(self.model, _ATTR[part]).named_parameters():
+                if p.requires_grad:
+                    (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+            lr = self.lr[part]
+            groups += [
+                {"params": decay, "lr": lr, "weight_decay": self.hparams.weight_decay, "name": part},
+                {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{part}_no_decay"},
+            ]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError("nothing to train: every part is frozen")
+        optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas))
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        schedule = lr_lambda(self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.scoreboard = self._scoreboard("val")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._generate_and_score(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._publish("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.scoreboard = self._scoreboard("test")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._generate_and_score(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._publish("test")
+
+    def _scoreboard(self, stage: str) -> Scoreboard:
+        dm = self.trainer.datamodule
+        return Scoreboard(dm.eval_tasks(stage), dm.scenarios, device=self.device)
+
+    def _generate_and_score(self, batch: dict[str, Any]) -> None:
+        answers = self.generate_answers(batch)
+        self.scoreboard.update(batch["meta"], answers, batch.get("pad"))
+
+    def generate_answers(self, batch: dict[str, Any]) -> list[str]:
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if tok else [])
+        distributed = self.trainer.world_size > 1 if self._trainer is not None else False
+        new = self.model.generate(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            image_pooling=batch.get("image_pooling"),
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted({e for e in eos if e is not None}),
+            pad_token_id=tok.pad_token_id,
+            synced_gpus=distributed,  # sharded ranks must step together until all are done
+        )
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in new]
+
+    def _publish(self, stage: str) -> None:
+        results, predictions = self.scoreboard.compute(self.trainer)
+        for name, value in results.items():
+            self.log(f"{stage}/{name}", value, rank_zero_only=True, sync_dist=False)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"step": self.global_step, "stage": stage, "scores": results}
+            with open(out / "results.json", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            with open(out / "predictions.jsonl", "w") as f:
+                for row in predictions:
+                    f.write(json.dumps({"step": self.global_step, **row}) + "\n")
+
+    # ------------------------------------------------------------------ prediction
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        answers = self.generate_answers(batch)
+        return [{"key": m["key"], "answer": a} for m, a in zip(batch["meta"], answers)]
+
+
+def lr_lambda(warmup: int, total: int | None, min_ratio: float):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if not total or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def model_config(spec: dict[str, Any]) -> MultimodalConfig:
+    kinds = sorted(set(spec) & {"config", "pretrained", "components"})
+    if len(kinds) != 1:
+        raise ValueError(f"model: give exactly one of config / pretrained / components, got {sorted(spec)}")
+    if "config" in spec:
+        return MultimodalConfig(**spec["config"])
+    if "pretrained" in spec:
+        from mmscene.model.formats import read_config
+
+        return read_config(spec["pretrained"], **spec.get("overrides", {}))
+    from transformers import AutoConfig
+
+    from mmscene.model.config import hf_config_dict
+
+    comp = dict(spec["components"])
+    vision = AutoConfig.from_pretrained(str(comp["vision"]), trust_remote_code=False)
+    vision = getattr(vision, "vision_config", vision)
+    vision.num_hidden_layers -= int(comp.get("drop_vision_layers", 1))
+    text = AutoConfig.from_pretrained(str(comp["llm"]), trust_remote_code=False)
+    extra = {k: v for k, v in comp.items() if k not in ("vision", "llm", "drop_vision_layers")}
+    return MultimodalConfig(vision=hf_config_dict(vision), text=hf_config_dict(text), **extra)
+
+
+def build_model(spec: dict[str, Any], config: MultimodalConfig) -> MultimodalLM:
+    if "config" in spec:
+        return MultimodalLM(config)
+    if "pretrained" in spec:
+        return MultimodalLM.from_pretrained(spec["pretrained"], **spec.get("overrides", {}))
+    comp = dict(spec["components"])
+    return MultimodalLM.from_components(comp.pop("vision"), comp.pop("llm"), **comp)
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
