@@ -1,0 +1,64 @@
+"""``single_image``: one photo and a conversation about it."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from mmscene.data.media import decode_image
+from mmscene.scenario import IMAGE_PLACEHOLDER, Example, Prompt, Scenario, SkipSample
+from mmscene_plugins import (
+    copy_conversation,
+    count_placeholders,
+    media_bytes,
+    media_items,
+    prepend_to_first_user_turn,
+)
+
+
+class SingleImageScenario(Scenario):
+    """One image; the record's ``<image>`` stays where it stands (none: ``<image>\\n`` in front of
+    the first user turn, the LLaVA convention).
+
+    Options:
+        max_pixels: decompression-bomb limit in pixels (default :data:`mmscene.data.media.MAX_IMAGE_PIXELS`).
+    """
+
+    name = "single_image"
+    description = "one image, placeholder kept where the record puts it"
+
+    def __init__(self, *, max_pixels: int | None = None):
+        self.max_pixels = max_pixels
+
+    def load(self, sample: dict[str, Any]) -> Example:
+        record = self.read_record(sample)
+        items = media_items(record, self.name, ("image",))
+        if len(items) != 1:
+            raise SkipSample(
+                "wrong_media", f"{record['id']}: single_image needs one image, record has {len(items)}"
+            )
+        image = decode_image(media_bytes(sample, items[0]["member"]), max_pixels=self.max_pixels)
+        return Example(
+            key=sample.get("__key__", record["id"]),
+            scenario=self.name,
+            task=record["task"],
+            conversation=copy_conversation(record),
+            images=[image],
+            question_type=record["question_type"],
+            record=record,
+        )
+
+    def format(self, example: Example, rng: random.Random) -> Prompt:
+        conversation = [dict(t) for t in example.conversation]
+        if count_placeholders(conversation) == 0:
+            conversation = prepend_to_first_user_turn(conversation, IMAGE_PLACEHOLDER)
+        return Prompt(
+            key=example.key,
+            scenario=self.name,
+            task=example.task,
+            conversation=conversation,  # a count other than one makes Prompt skip the sample
+            images=list(example.images),
+            pooled=[False] * len(example.images),
+            question_type=example.question_type,
+            answer=self.answer_of(conversation),
+        )
