@@ -94,6 +94,9 @@ class MixedBatches(IterableDataset):
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.resume: dict[str, Any] | None = None  # {"consumed": n, "slots": {slot: state}}
+        # Skips are counted and training goes on, but a stream that yields nothing usable is a
+        # broken dataset or config, not bad luck: stop with the counts instead of spinning.
+        self.max_consecutive_skips = 10_000
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -119,6 +122,7 @@ class MixedBatches(IterableDataset):
                 streams[name].load_state_dict(state)
         iters = {name: iter(stream) for name, stream in streams.items()}
         choose = WeightedChoice([s.weight for s in self.sources], self.seed, self.rank, slot)
+        in_a_row = 0
         while True:
             samples = []
             while len(samples) < self.batch_size:
@@ -129,6 +133,14 @@ class MixedBatches(IterableDataset):
                 sample = self._prepare(source, raw, rng, skips)
                 if sample is not None:
                     samples.append(sample)
+                    in_a_row = 0
+                    continue
+                in_a_row += 1
+                if in_a_row >= self.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"{in_a_row} samples in a row were skipped (rank {self.rank}, slot {slot}); "
+                        f"skip counts: {dict(skips.counts)}"
+                    )
             batch = self.collate(samples)
             batch[STATE_KEY] = {
                 "slot": slot,

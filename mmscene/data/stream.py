@@ -109,7 +109,7 @@ class ShardStream:
     def _read_shard(self, shard: str, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             with open(shard, "rb") as stream:
-                files = wds.tariterators.tar_file_iterator(tarfile.open(fileobj=stream, mode="r|*"))
+                files = ({**f, "__url__": shard} for f in wds.tariterators.tar_file_iterator(stream))
                 for index, sample in enumerate(wds.tariterators.group_by_keys(files)):
                     if index >= start:
                         yield index, sample
