@@ -56,12 +56,16 @@ def _plugins_main() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("mmscene").addHandler(handler)
+    logging.getLogger("mmscene").setLevel(logging.INFO)
     if argv and argv[0] in LIGHTNING_VERBS:
         from mmscene.train.cli import lightning_main
 
-        lightning_main(argv)
+        lightning_main(None if from_command_line else argv)
         return 0
     args = _parser().parse_args(argv)
     if args.command == "data":

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
-from transformers.initialization import no_init_weights
 
 from mmscene.model.config import DEFAULT_IMAGE_TOKEN_ID, MultimodalConfig, hf_config_dict, load_preset
 from mmscene.model.core import MultimodalLM
@@ -119,6 +118,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, **overri
 
 def build_empty(config: MultimodalConfig, dtype: torch.dtype | None = None) -> MultimodalLM:
     """A model whose weights are about to be loaded: skip the (slow) random init."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5.x
+        from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = MultimodalLM(config)
     return model.to(dtype) if dtype is not None else model

@@ -13,8 +13,9 @@ class MMSceneCLI(LightningCLI):
         parser.set_defaults({"trainer.check_val_every_n_epoch": None})
 
 
-def lightning_main(args: list[str]) -> None:
-    MMSceneCLI(
+def build_cli(args: list[str] | None = None) -> MMSceneCLI:
+    """Run a LightningCLI verb; ``args=None`` reads the command line."""
+    return MMSceneCLI(
         MMSceneModule,
         MMSceneDataModule,
         args=args,
@@ -23,3 +24,7 @@ def lightning_main(args: list[str]) -> None:
         subclass_mode_model=False,
         subclass_mode_data=False,
     )
+
+
+def lightning_main(args: list[str] | None = None) -> None:
+    build_cli(args)
