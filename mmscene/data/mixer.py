@@ -171,9 +171,18 @@ class MixedBatches(IterableDataset):
             task=prompt.task,
             question_type=prompt.question_type,
             answer=prompt.answer,
-            options=prompt.meta.get("options"),
+            options=_options(prompt.meta.get("options") or example.record.get("metadata", {}).get("options")),
         )
         return sample
+
+
+def _options(options: Any) -> dict[str, str] | None:
+    """Option texts by letter, for the choice parser's text fallback; records store a list."""
+    if isinstance(options, dict):
+        return {str(k): str(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return {chr(ord("A") + i): str(text) for i, text in enumerate(options)}
+    return None
 
 
 def count_samples(shards: list[str]) -> list[str]:
