@@ -1,0 +1,73 @@
+"""Tiny training configs and callbacks shared by the training tests (also used in subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data: Path, root: Path, **trainer) -> dict:
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    text = cfg["model"]["model"]["config"]["text"]
+    vision = cfg["model"]["model"]["config"]["vision"]
+    text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    d = cfg["data"]
+    d["tokenizer"] = str(data / "tokenizer")
+    for split in ("train", "val"):
+        for source in d[split]:
+            source["shards"] = str(data / split / source["scenario"])
+    d.update(batch_size=4, eval_batch_size=8, num_workers=2)
+    d["scenarios"]["3d"] = {"num_views": 2, "view_size": 32}
+    d["scenarios"]["video"] = {"num_frames": 3}
+    t = cfg["trainer"]
+    t.update(max_steps=8, val_check_interval=None, limit_val_batches=0, enable_progress_bar=False, log_every_n_steps=1)
+    t["default_root_dir"] = str(root)
+    t["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "logs"}}
+    t.update(trainer)
+    return cfg
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class RecordBatches(L.Callback):
+    """Appends the sample keys of every training batch, with its step, to a JSONL file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "keys": [m["key"] for m in batch["meta"]]}) + "\n")
+
+
+class KillAt(L.Callback):
+    """Kills the process (no clean shutdown) when training reaches ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            os._exit(3)
+
+
+class SaveWeights(L.Callback):
+    """Writes the model's final weights to ``path`` when training ends."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        import torch
+
+        torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.path)
