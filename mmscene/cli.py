@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     add_export_arguments(export.add_parser("mmscene", help="mmscene's own checkpoint directory"))
 
     sub.add_parser("plugins", help="list installed scenario plugins")
+    from mmscene.launch.slurm import add_slurm_arguments
+
+    add_slurm_arguments(sub.add_parser("slurm", help="print an sbatch script for multi-node `mmscene fit`"))
     return parser
 
 
@@ -86,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return export_main(args, "llava-hf" if args.format == "hf" else "mmscene")
     if args.command == "plugins":
         return _plugins_main()
+    if args.command == "slurm":
+        from mmscene.launch.slurm import slurm_main
+
+        return slurm_main(args)
     return 2
 
 

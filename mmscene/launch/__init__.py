@@ -1,0 +1,1 @@
+"""Launching on clusters: sbatch scripts (``slurm``) and memory planning (``plan``)."""
