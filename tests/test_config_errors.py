@@ -1,0 +1,65 @@
+"""A bad config fails at start with a message that names the problem."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mmscene.data.demo import make_demo
+from train_helpers import tiny_config, write_config
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    make_demo(out, n_train_per_scenario=4, n_val_per_scenario=2, progress=False)
+    return out
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmscene.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _break(cfg: dict, how: str) -> dict:
+    if how == "unknown_key":
+        cfg["data"]["batch_sise"] = 4
+    elif how == "missing_shards":
+        cfg["data"]["train"][0]["shards"] = "/nonexistent/shard-*.tar"
+    elif how == "weight":
+        cfg["data"]["train"][1]["weight"] = 0
+    elif how == "scenario":
+        cfg["data"]["train"][2]["scenario"] = "hologram"
+    elif how == "freeze":
+        cfg["model"]["freeze"] = ["vison"]
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("unknown_key", "batch_sise"),
+        ("missing_shards", "no shards match '/nonexistent/shard-*.tar'"),
+        ("weight", "weight must be > 0"),
+        ("scenario", "no installed plugin provides scenario 'hologram'"),
+        ("freeze", "freeze: unknown parts ['vison']"),
+    ],
+)
+def test_bad_config_fails_at_start(tmp_path, demo_data, how, message, capsys):
+    from mmscene.train.cli import build_cli
+
+    cfg = _break(tiny_config(demo_data, tmp_path), how)
+    with pytest.raises((SystemExit, ValueError)) as failure:
+        build_cli(["fit", "--config", str(write_config(cfg, tmp_path / "bad.yaml"))])
+    text = str(failure.value) + capsys.readouterr().err
+    assert message in text, text[-2000:]
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+
+
+def test_print_config_round_trips(tmp_path, demo_data):
+    cfg = tiny_config(demo_data, tmp_path)
+    result = _run("fit", "--config", str(write_config(cfg, tmp_path / "ok.yaml")), "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["data"]["batch_size"] == 4
+    assert printed["model"]["model"]["config"]["projector"] == "mlp2x_gelu"
