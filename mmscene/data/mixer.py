@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from itertools import accumulate
 from typing import Any
 
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmscene.data.batching import TokenBudget
 from mmscene.data.skips import SkipCounter
 from mmscene.data.stream import ShardStream, expand_shards
 from mmscene.scenario import Scenario, SkipSample
@@ -58,6 +58,15 @@ def check_sources(sources: list[Source]) -> dict[str, list[str]]:
     return found
 
 
+@dataclasses.dataclass
+class _Pending:
+    """A buffered sample, its draw index and every stream's state just before it was drawn."""
+
+    draw: int
+    sample: dict[str, Any]
+    streams: dict[str, dict[str, Any]]
+
+
 class WeightedChoice:
     """Source index for draw ``d``: stateless, so a resumed slot continues the same sequence."""
 
@@ -84,13 +93,17 @@ class MixedBatches(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        tokens: TokenBudget | None = None,
     ):
+        """``tokens`` switches to token-budget batches (``collate(samples, rows)``, see
+        :mod:`mmscene.data.batching`); else batches of ``batch_size`` samples (``collate(samples)``)."""
         self.sources = sources
         self.shards = check_sources(sources)
         self.scenarios = scenarios
         self.encode = encode
         self.collate = collate
         self.batch_size = batch_size
+        self.tokens = tokens
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.resume: dict[str, Any] | None = None  # {"consumed": n, "slots": {slot: state}}
@@ -112,27 +125,51 @@ class MixedBatches(IterableDataset):
         slice_id, n_slices = self.rank * n_slots + slot, self.world_size * n_slots
         skips = SkipCounter()
         streams = {
-            s.name: ShardStream(self.shards[s.name], slice_id, n_slices, self.seed, s.name, skips) for s in self.sources
+            s.name: ShardStream(self.shards[s.name], slice_id, n_slices, self.seed, s.name, skips)
+            for s in self.sources
         }
+        choose = WeightedChoice([s.weight for s in self.sources], self.seed, self.rank, slot)
         draw = 0
+        buffer: list[_Pending] = []
         if saved is not None:
             draw = saved["draw"]
-            skips.load_state_dict(saved["skips"])
-            for name, state in saved["streams"].items():
+            pending = saved.get("buffer")
+            # Buffered samples are rebuilt by re-reading the streams from where the oldest of them
+            # was drawn: the state stays declarative and the buffer comes back exactly.
+            for name, state in (pending["streams"] if pending else saved["streams"]).items():
                 streams[name].load_state_dict(state)
         iters = {name: iter(stream) for name, stream in streams.items()}
-        choose = WeightedChoice([s.weight for s in self.sources], self.seed, self.rank, slot)
+        if saved is not None:
+            if pending:
+                buffer = self._replay(pending, draw, slot, streams, iters, choose)
+                moved = {name: s.state_dict() for name, s in streams.items()}
+                if moved != saved["streams"]:
+                    log.warning(
+                        "rank %s slot %s: the shards changed since the checkpoint; resume is not exact",
+                        self.rank,
+                        slot,
+                    )
+            skips.load_state_dict(saved["skips"])
+        budget = self.tokens
+        target = budget.lookahead if budget else self.batch_size
         in_a_row = 0
         while True:
-            samples = []
-            while len(samples) < self.batch_size:
+            while len(buffer) < target:
+                before = {name: s.state_dict() for name, s in streams.items()}
                 source = self.sources[choose(draw)]
                 draw += 1
                 raw = next(iters[source.name])
                 rng = random.Random(f"{self.seed}-{self.rank}-{slot}-{draw}")
                 sample = self._prepare(source, raw, rng, skips)
+                if sample is not None and budget and len(sample["input_ids"]) > budget.row_capacity:
+                    skips.add(
+                        source.scenario,
+                        "longer_than_max_tokens",
+                        f"{raw.get('__key__')}: {len(sample['input_ids'])} tokens > {budget.row_capacity}",
+                    )
+                    sample = None
                 if sample is not None:
-                    samples.append(sample)
+                    buffer.append(_Pending(draw - 1, sample, before))
                     in_a_row = 0
                     continue
                 in_a_row += 1
@@ -141,16 +178,55 @@ class MixedBatches(IterableDataset):
                         f"{in_a_row} samples in a row were skipped (rank {self.rank}, slot {slot}); "
                         f"skip counts: {dict(skips.counts)}"
                     )
-            batch = self.collate(samples)
-            batch[STATE_KEY] = {
-                "slot": slot,
-                "state": {
-                    "draw": draw,
-                    "skips": skips.state_dict(),
-                    "streams": {name: s.state_dict() for name, s in streams.items()},
-                },
+            if budget:
+                rows = budget.plan([len(p.sample["input_ids"]) for p in buffer])
+                taken = sorted({i for row in rows for i in row})
+                # Row indices refer to the taken samples, in their order in the buffer.
+                local = {i: k for k, i in enumerate(taken)}
+                batch = self.collate(
+                    [buffer[i].sample for i in taken], [[local[i] for i in row] for row in rows]
+                )
+            else:
+                taken = list(range(self.batch_size))
+                batch = self.collate([buffer[i].sample for i in taken])
+            taken_set = set(taken)
+            buffer = [p for i, p in enumerate(buffer) if i not in taken_set]
+            state = {
+                "draw": draw,
+                "skips": skips.state_dict(),
+                "streams": {name: s.state_dict() for name, s in streams.items()},
             }
+            if buffer:
+                state["buffer"] = {
+                    "draw": buffer[0].draw,
+                    "streams": buffer[0].streams,
+                    "draws": [p.draw for p in buffer],
+                }
+            batch[STATE_KEY] = {"slot": slot, "state": state}
             yield batch
+
+    def _replay(self, pending, draw, slot, streams, iters, choose) -> list[_Pending]:
+        """Re-draw ``pending["draw"] .. draw - 1``, keeping (and re-encoding) only the buffered draws."""
+        wanted = set(pending["draws"])
+        buffer = []
+        quiet = SkipCounter()  # these skips were counted before the checkpoint
+        for d in range(pending["draw"], draw):
+            before = {name: s.state_dict() for name, s in streams.items()}
+            source = self.sources[choose(d)]
+            raw = next(iters[source.name])
+            if d not in wanted:
+                continue  # emitted or skipped before the checkpoint: read past it, no decoding
+            rng = random.Random(f"{self.seed}-{self.rank}-{slot}-{d + 1}")
+            sample = self._prepare(source, raw, rng, quiet)
+            if sample is None:
+                log.warning(
+                    "buffered sample of draw %d no longer loads (%s); resume is not exact",
+                    d,
+                    dict(quiet.counts),
+                )
+                continue
+            buffer.append(_Pending(d, sample, before))
+        return buffer
 
     def _prepare(self, source: Source, raw: dict[str, Any], rng: random.Random, skips: SkipCounter):
         scenario = self.scenarios[source.scenario]
@@ -159,7 +235,9 @@ class MixedBatches(IterableDataset):
             prompt = scenario.format(example, rng)
             sample = self.encode(prompt)
         except SkipSample as skip:
-            skips.add(source.scenario, skip.reason, f"{raw.get('__key__')} in {raw.get('__shard__')}: {skip.detail}")
+            skips.add(
+                source.scenario, skip.reason, f"{raw.get('__key__')} in {raw.get('__shard__')}: {skip.detail}"
+            )
             return None
         except Exception as err:  # noqa: BLE001 - one bad sample must not end a multi-day run
             log.exception("unexpected error on sample %s", raw.get("__key__"))
@@ -208,7 +286,14 @@ class EvalSamples(IterableDataset):
     number of (sharded) generation steps; padded samples are not scored.
     """
 
-    def __init__(self, sources: list[Source], scenarios: dict[str, Scenario], encode, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        sources: list[Source],
+        scenarios: dict[str, Scenario],
+        encode,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.sources = sources
         self.shards = check_sources(sources)
         self.scenarios = scenarios
@@ -223,7 +308,9 @@ class EvalSamples(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if get_worker_info() is not None and get_worker_info().num_workers > 1:
-            raise RuntimeError("evaluation loaders run with num_workers <= 1 so that every rank sees its share once")
+            raise RuntimeError(
+                "evaluation loaders run with num_workers <= 1 so that every rank sees its share once"
+            )
         index = 0
         emitted = 0
         last = None

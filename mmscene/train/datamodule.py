@@ -13,6 +13,7 @@ import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from mmscene.data.batching import parse_batching, row_collate
 from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
 from mmscene.data.collate import pad_collate
 from mmscene.data.encode import PromptEncoder
@@ -48,6 +49,13 @@ class MMSceneDataModule(L.LightningDataModule):
         system_prompt: system turn added to every conversation (null: none).
         pad_to_square: pad images to a square with the mean colour before resizing.
         seed: data order and formatting randomness (independent of the model seed).
+        batching: how training batches are formed (see :mod:`mmscene.data.batching`):
+            ``{mode: samples}`` (default) takes ``batch_size`` samples padded to the longest;
+            ``{mode: tokens, max_tokens: 4096, lookahead: 64, pack: true, row_tokens: null}``
+            fills a budget of ``max_tokens`` tokens per batch (padding included), chosen from a
+            buffer of ``lookahead`` samples, packed into rows of ``row_tokens`` (default
+            ``max_tokens``) or, with ``pack: false``, one sample per row padded to the batch's
+            longest. The buffer is part of the resumable data state.
     """
 
     def __init__(
@@ -65,8 +73,16 @@ class MMSceneDataModule(L.LightningDataModule):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         pad_to_square: bool = True,
         seed: int = 0,
+        batching: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.tokens = parse_batching(batching)
+        if self.tokens is not None and max_length is not None and max_length > self.tokens.row_capacity:
+            # Longer samples could never be batched; the mixer would skip them (counted) one by one.
+            raise ValueError(
+                f"data.max_length={max_length} exceeds what one row of data.batching holds "
+                f"({self.tokens.row_capacity} tokens); raise max_tokens/row_tokens or lower max_length"
+            )
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
         self.sources = {"train": _sources(train, "train"), "val": _sources(val, "val"), "test": _sources(test, "test")}
@@ -124,15 +140,20 @@ class MMSceneDataModule(L.LightningDataModule):
         if not self.sources["train"]:
             raise ValueError("data.train has no sources")
         rank, world = self._rank()
+        pad_id = self.tokenizer.pad_token_id
+        collate = (
+            row_collate(pad_id, self.tokens.pack) if self.tokens else partial(pad_collate, pad_id=pad_id)
+        )
         dataset = MixedBatches(
             self.sources["train"],
             self.scenarios,
             self.encoder.encode,
-            partial(pad_collate, pad_id=self.tokenizer.pad_token_id),
+            collate,
             self.batch_size,
             seed=self.seed,
             rank=rank,
             world_size=world,
+            tokens=self.tokens,
         )
         if self._resume is not None:
             if self._resume.get("num_workers") != self.num_workers:
