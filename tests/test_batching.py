@@ -7,7 +7,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from mmscene.data.batching import TokenBudget, parse_batching, row_collate
+from mmscene.data.batching import TokenBudget, parse_batching, plan_batches, row_collate
 from mmscene.data.collate import pad_collate
 from mmscene.data.mixer import STATE_KEY, MixedBatches, Source
 from mmscene.model.core import IGNORE_INDEX
@@ -263,3 +263,16 @@ def test_samples_longer_than_a_row_are_counted_and_skipped(shards):
         batch = next(it)
         assert batch["input_ids"].shape[1] <= 30
     assert batch[STATE_KEY]["state"]["skips"]["toy/longer_than_max_tokens"] > 0
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_plan_batches_matches_the_mixer(shards, pack):
+    budget = TokenBudget(max_tokens=256, lookahead=16, pack=pack, row_tokens=128 if pack else None)
+    it = iter(mixer(shards, budget))
+    batches = [next(it) for _ in range(10)]
+    arrivals = iter(mixer(shards, batch_size=1))  # the valid samples in draw order
+    ref = [next(arrivals)["meta"][0] for _ in range(200)]
+    lengths = [len(expected_ids(m["key"])) for m in ref]
+    planned = plan_batches(budget, lengths)[:10]
+    for batch, rows in zip(batches, planned):
+        assert draws_of(batch) == [ref[i]["answer"] for row in rows for i in row]

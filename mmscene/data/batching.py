@@ -154,3 +154,25 @@ def row_collate(pad_id: int, pack: bool) -> Callable[[list[dict[str, Any]], list
     from functools import partial
 
     return partial(collate_rows, pad_id=pad_id, pack=pack)
+
+
+def plan_batches(budget: TokenBudget, lengths: list[int]) -> list[list[list[int]]]:
+    """The batches the mixer forms from samples arriving with ``lengths``, as rows of indices.
+
+    Offline twin of the buffer loop in :class:`~mmscene.data.mixer.MixedBatches` (fill to
+    ``lookahead``, plan, remove), for benchmarks and for sizing a budget on known lengths.
+    """
+    batches: list[list[list[int]]] = []
+    buffer: list[int] = []
+    arriving = iter(range(len(lengths)))
+    while True:
+        for i in arriving:
+            buffer.append(i)
+            if len(buffer) >= budget.lookahead:
+                break
+        if not buffer:
+            return batches
+        rows = budget.plan([lengths[i] for i in buffer])
+        batches.append([[buffer[k] for k in row] for row in rows])
+        taken = {k for row in rows for k in row}
+        buffer = [i for k, i in enumerate(buffer) if k not in taken]
