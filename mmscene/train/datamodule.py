@@ -130,7 +130,9 @@ class MMSceneDataModule(L.LightningDataModule):
         module.tokenizer = self.tokenizer
 
     def _rank(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        # LightningDataModule keeps its trainer in ``self.trainer`` (it has no ``_trainer``); reading
+        # ``_trainer`` made every rank draw rank 0's stream and broke resuming a multi-rank checkpoint.
+        trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
         return trainer.global_rank, trainer.world_size
