@@ -39,6 +39,23 @@ class MultimodalLM(nn.Module):
         )
         self.language_model = AutoModelForCausalLM.from_config(text_config, **kwargs)
         self.tokenizer = None  # attached by callers that have one; saved alongside the weights
+        self.freeze_unused()
+
+    def freeze_unused(self) -> None:
+        """Stop gradients for tower weights that never reach the features (DDP/FSDP would wait on them).
+
+        Hidden states are taken before the tower's final layer norm (SigLIP, CLIP), and a feature
+        layer below the last leaves the layers above it unused.
+        """
+        for name in ("post_layernorm", "head"):
+            part = getattr(self.vision_tower, name, None)
+            if isinstance(part, nn.Module):
+                part.requires_grad_(False)
+        layers = getattr(getattr(self.vision_tower, "encoder", None), "layers", None)
+        layer = self.config.vision_feature_layer
+        if layers is not None and layer < -1:
+            for block in list(layers)[len(layers) + layer + 1 :]:
+                block.requires_grad_(False)
 
     # ------------------------------------------------------------------ geometry
     @property

@@ -70,6 +70,7 @@ class MMSceneModule(L.LightningModule):
         for part in PARTS:
             trainable = part not in self.freeze
             getattr(self.model, _ATTR[part]).requires_grad_(trainable)
+        self.model.freeze_unused()
         if self.hparams.activation_checkpointing:
             self.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
             if hasattr(self.model.vision_tower, "gradient_checkpointing_enable"):
