@@ -95,8 +95,8 @@ def test_shards_read_back_with_plain_webdataset(demo_dir, split, n):
 
 
 # ---------------------------------------------------------------------------------- balance
-def _generate(scenario: str, n: int, tmp_path: Path) -> list[dict]:
-    gen = demo._Generator(random.Random(f"test:{scenario}"), tmp_path / "media", scenario, 32, 3)
+def _generate(scenario: str, n: int, tmp_path: Path, option_order: str = "shuffled") -> list[dict]:
+    gen = demo._Generator(random.Random(f"test:{scenario}"), tmp_path / "media", scenario, 32, 3, option_order)
     return [gen.sample(scenario, i, f"{scenario}-{i}") for i in range(n)]
 
 
@@ -133,6 +133,17 @@ def test_answers_are_balanced_and_correct(scenario, tmp_path):
         assert max(counts.values()) - min(counts.values()) <= 1, (task_name, counts)
     n_mc = sum(option_counts.values())
     assert n_mc == len(records) // 2  # half multiple choice, half open-ended
+
+
+@pytest.mark.parametrize("scenario", demo.SCENARIOS)
+def test_fixed_option_order_lists_every_class_in_order(scenario, tmp_path):
+    for r in _generate(scenario, 24, tmp_path, option_order="fixed"):
+        meta = r["metadata"]
+        if meta["question_type"] != "multi-choice":
+            continue
+        task = demo.TASKS[meta["dataset"]]
+        assert meta["options"] == [task.option_text(c) for c in task.classes]
+        assert r["conversations"][1]["value"] == demo.LETTERS[task.classes.index(meta["label"])]
 
 
 def test_multi_image_odd_one_differs_in_colour_only(demo_dir):
