@@ -56,6 +56,9 @@ class MMSceneDataModule(L.LightningDataModule):
             buffer of ``lookahead`` samples, packed into rows of ``row_tokens`` (default
             ``max_tokens``) or, with ``pack: false``, one sample per row padded to the batch's
             longest. The buffer is part of the resumable data state.
+        predict: JSONL of prompts with media paths for ``mmscene predict`` (see
+            :mod:`mmscene.data.prompts`); media paths are confined to ``predict_media_root``;
+            answers go to ``predict_output``.
     """
 
     def __init__(
@@ -74,8 +77,12 @@ class MMSceneDataModule(L.LightningDataModule):
         pad_to_square: bool = True,
         seed: int = 0,
         batching: dict[str, Any] | None = None,
+        predict: str | None = None,
+        predict_media_root: str | None = None,
+        predict_output: str = "predictions.jsonl",
     ):
         super().__init__()
+        self.predict, self.predict_media_root, self.predict_output = predict, predict_media_root, predict_output
         self.tokens = parse_batching(batching)
         if self.tokens is not None and max_length is not None and max_length > self.tokens.row_capacity:
             # Longer samples could never be batched; the mixer would skip them (counted) one by one.
@@ -128,6 +135,28 @@ class MMSceneDataModule(L.LightningDataModule):
             self.tokenizer, geometry, self.system_prompt, max_length=self.max_length, overflow=self.overflow
         )
         module.tokenizer = self.tokenizer
+        if stage == "predict":
+            self._prepare_prompts()
+
+    def _prepare_prompts(self) -> None:
+        from mmscene.data.prompts import prompts_to_shards
+
+        if not self.predict:
+            raise ValueError("mmscene predict needs --data.predict PROMPTS.jsonl (and --data.predict_media_root DIR)")
+        out = Path(self.trainer.default_root_dir) / "predict_shards"
+        if self.trainer.is_global_zero:
+            report = prompts_to_shards(self.predict, self.predict_media_root or ".", out)
+            if report["skipped"]:
+                log.warning("prompts rejected: %s (see %s)", report["skipped"], out / "shards" / "rejected.jsonl")
+        self.trainer.strategy.barrier()
+        shards = out / "shards"
+        found = sorted(p.name for p in shards.iterdir() if p.is_dir() and any(p.glob("*.tar")))
+        if not found:
+            raise ValueError(f"no usable prompts in {self.predict} (see {shards / 'rejected.jsonl'})")
+        self.sources["predict"] = [Source(shards=str(shards / name), scenario=name) for name in found]
+        for name in found:
+            if name not in self.scenarios:
+                self.scenarios[name] = get_scenario(name)
 
     def _rank(self) -> tuple[int, int]:
         # LightningDataModule keeps its trainer in ``self.trainer`` (it has no ``_trainer``); reading
@@ -184,6 +213,9 @@ class MMSceneDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loader("test")
+
+    def predict_dataloader(self):
+        return self._eval_loader("predict")
 
     def eval_tasks(self, stage: str) -> list[tuple[str, str, str]]:
         if stage not in self._task_cache:

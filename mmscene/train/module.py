@@ -189,7 +189,17 @@ class MMSceneModule(L.LightningModule):
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         answers = self.generate_answers(batch)
-        return [{"key": m["key"], "answer": a} for m, a in zip(batch["meta"], answers)]
+        pads = batch.get("pad") or [False] * len(answers)
+        return [
+            {"id": m["key"], "scenario": m["scenario"], "answer": a}
+            for m, a, pad in zip(batch["meta"], answers, pads)
+            if not pad
+        ]
+
+    def configure_callbacks(self):
+        from mmscene.train.callbacks import WritePredictions
+
+        return [WritePredictions()]
 
 
 def lr_lambda(warmup: int, total: int | None, min_ratio: float):
