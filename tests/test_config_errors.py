@@ -63,3 +63,14 @@ def test_print_config_round_trips(tmp_path, demo_data):
     printed = yaml.safe_load(result.stdout)
     assert printed["data"]["batch_size"] == 4
     assert printed["model"]["model"]["config"]["projector"] == "mlp2x_gelu"
+
+
+@pytest.mark.parametrize("name", ["demo", "interleave-qwen-0.5b", "interleave-qwen-7b"])
+def test_shipped_configs_parse(name):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    result = _run("fit", "--config", str(config), "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["freeze"] == ([] if name == "demo" else ["vision"])
