@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     from mmscene.launch.slurm import add_slurm_arguments
 
     add_slurm_arguments(sub.add_parser("slurm", help="print an sbatch script for multi-node `mmscene fit`"))
+    from mmscene.launch.plan import add_plan_arguments
+
+    add_plan_arguments(sub.add_parser("plan", help="parameters, FSDP2 memory per GPU and activations before launching"))
     return parser
 
 
@@ -93,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmscene.launch.slurm import slurm_main
 
         return slurm_main(args)
+    if args.command == "plan":
+        from mmscene.launch.plan import plan_main
+
+        return plan_main(args)
     return 2
 
 

@@ -1,0 +1,152 @@
+"""``mmscene plan``: real-size parameter counts and per-GPU memory against a hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from mmscene.cli import main as cli_main
+from mmscene.launch.plan import plan
+from mmscene.model.config import MultimodalConfig
+
+# The presets' numbers, written out (Qwen1.5-Chat config.json, SigLIP so400m with 26 layers).
+QWEN = {
+    "qwen1.5-0.5b-chat": dict(h=1024, i=2816, L=24, a=16, kv_heads=16, V=151936, tied=True),
+    "qwen1.5-7b-chat": dict(h=4096, i=11008, L=32, a=32, kv_heads=32, V=151936, tied=False),
+}
+SIGLIP = dict(h=1152, i=4304, L=26, patch=14, image=384, channels=3)
+
+
+def hand_counts(llm: str) -> dict[str, int]:
+    q, v = QWEN[llm], SIGLIP
+    h, kv = q["h"], q["kv_heads"] * (q["h"] // q["a"])
+    # q/k/v projections carry biases in Qwen2, o_proj does not; SwiGLU MLP; two RMSNorms
+    decoder_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * q["i"] + 2 * h
+    embed = q["V"] * h
+    lm_head = 0 if q["tied"] else q["V"] * h
+    llm_total = q["L"] * decoder_layer + embed + h + lm_head
+    vh, positions = v["h"], (v["image"] // v["patch"]) ** 2
+    # attention q/k/v/o with biases, fc1/fc2 with biases, two LayerNorms (weight + bias)
+    vision_layer = 4 * (vh * vh + vh) + (vh * v["i"] + v["i"]) + (v["i"] * vh + vh) + 2 * 2 * vh
+    vision_embed = v["channels"] * v["patch"] ** 2 * vh + vh + positions * vh
+    post_layernorm = 2 * vh
+    vision_total = v["L"] * vision_layer + vision_embed + post_layernorm
+    projector = (vh * h + h) + (h * h + h)
+    return {
+        "vision": vision_total,
+        "projector": projector,
+        "llm": llm_total,
+        "total": vision_total + projector + llm_total,
+        "trainable": projector + llm_total,  # vision frozen (the paper's recipe)
+        "root": vision_embed + post_layernorm + projector + embed + h + lm_head,
+        "root_trainable": projector + embed + h + lm_head,
+        "largest_layer": max(decoder_layer, vision_layer),
+        "positions": positions,
+    }
+
+
+def test_counts_match_the_architecture_doc():
+    # docs/architecture.md's table, itself checked against the closed form in tests/test_core.py
+    assert hand_counts("qwen1.5-0.5b-chat")["total"] == 863_965_728
+    assert hand_counts("qwen1.5-7b-chat")["total"] == 8_140_576_288
+    assert hand_counts("qwen1.5-7b-chat")["projector"] == 21_504_000
+
+
+@pytest.mark.parametrize("llm", sorted(QWEN))
+@pytest.mark.parametrize(("nodes", "gpus"), [(1, 8), (2, 8)])
+def test_real_size_plan_matches_hand_computation(llm, nodes, gpus):
+    s, b = 4096, 2
+    got = plan(
+        MultimodalConfig(vision="siglip-so400m-patch14-384-26l", text=llm),
+        nodes=nodes,
+        gpus_per_node=gpus,
+        freeze=["vision"],
+        max_length=s,
+        micro_batch=b,
+        param_dtype="bfloat16",
+        reduce_dtype="float32",
+    )
+    c, q = hand_counts(llm), QWEN[llm]
+    for part in ("vision", "projector", "llm", "total"):
+        assert got.params[part]["total"] == c[part], part
+    assert got.params["vision"]["trainable"] == 0
+    assert got.trainable_params == c["trainable"]
+    assert got.root_params == c["root"]
+    assert got.largest_unit == c["largest_layer"]
+    assert got.num_units == q["L"] + SIGLIP["L"]
+
+    n = nodes * gpus
+    P, T = c["total"], c["trainable"]
+    assert got.fsdp["params"] == math.ceil(4 * P / n)  # fp32 master weights, all parts sharded
+    assert got.fsdp["grads"] == math.ceil(4 * T / n)  # fp32 grads of trainable weights only
+    assert got.fsdp["optimizer"] == math.ceil(8 * T / n)  # AdamW: two fp32 states
+    assert got.fsdp["gathered"] == 2 * (c["root"] + 2 * c["largest_layer"])  # bf16
+    assert got.fsdp["unsharded_grads"] == (2 + 4) * max(c["root_trainable"], c["largest_layer"])
+    assert got.ddp["total_without_activations"] == 4 * P + 4 * T + 8 * T + 4 * T
+
+    h, a, L, V = q["h"], q["a"], q["L"], q["V"]
+    layer = s * b * h * 34 + 5 * a * s * s * b  # = s*b*h*(34 + 5*a*s/h)
+    logits = s * b * V * (2 + 4)
+    acts = got.activations
+    assert acts["full"]["total"] == L * layer + logits  # frozen tower: nothing kept
+    assert acts["full"]["total_sdpa"] == L * s * b * h * 34 + logits
+    assert acts["checkpointed"]["total"] == L * 2 * s * b * h + layer + logits
+    assert got.fsdp["total"] == got.fsdp["total_without_activations"] + L * layer + logits
+
+
+def test_more_gpus_shrink_sharded_bytes_not_replicated_ones():
+    cfg = MultimodalConfig(text="qwen1.5-7b-chat")
+    one, two = plan(cfg, nodes=1, gpus_per_node=8), plan(cfg, nodes=2, gpus_per_node=8)
+    for key in ("params", "grads", "optimizer", "states"):
+        assert two.fsdp[key] < one.fsdp[key]
+        assert two.fsdp[key] == pytest.approx(one.fsdp[key] / 2, abs=1)
+    assert two.fsdp["gathered"] == one.fsdp["gathered"]  # a gathered layer is whole on every GPU
+    assert two.ddp == one.ddp
+    hybrid = plan(cfg, nodes=2, gpus_per_node=8, hybrid=True)  # shards within a node only
+    assert hybrid.shard_size == 8 and hybrid.fsdp["states"] == one.fsdp["states"]
+    # the 7B with AdamW does not fit 80 GB replicated, and does sharded over 16
+    assert two.ddp["total_without_activations"] > 80e9 > two.fsdp["total_without_activations"]
+
+
+def test_trained_tower_adds_vision_activations():
+    cfg = MultimodalConfig(text="qwen1.5-0.5b-chat")
+    frozen = plan(cfg, nodes=1, gpus_per_node=8, micro_batch=1, images_per_sample=4)
+    trained = plan(cfg, nodes=1, gpus_per_node=8, micro_batch=1, images_per_sample=4, freeze=[])
+    c, v = hand_counts("qwen1.5-0.5b-chat"), SIGLIP
+    assert trained.trainable_params == c["total"] - 2 * v["h"]  # post_layernorm never reaches the features
+    sv, images = c["positions"], 4
+    vision_layer = sv * images * v["h"] * 34 + 5 * 16 * sv * sv * images
+    assert trained.activations["full"]["vision"] == v["L"] * vision_layer
+    assert frozen.activations["full"]["vision"] == 0
+
+
+def test_cli_reads_the_yaml(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "model": {
+                        "config": {"vision": "siglip-so400m-patch14-384-26l", "text": "qwen1.5-0.5b-chat"}
+                    },
+                    "freeze": ["vision"],
+                    "fsdp": {"param_dtype": "bfloat16", "hybrid": True},
+                    "activation_checkpointing": True,
+                },
+                "data": {"max_length": 2048, "batch_size": 3},
+            }
+        )
+    )
+    assert cli_main(["plan", "--config", str(config), "--nodes", "2", "--gpus-per-node", "8", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["shard_size"] == 8 and got["hybrid"] is True
+    assert got["activation_checkpointing"] is True
+    assert got["activations"]["max_length"] == 2048 and got["activations"]["micro_batch"] == 3
+    assert got["params"]["total"]["trainable"] == hand_counts("qwen1.5-0.5b-chat")["trainable"]
+    # the table names the formula it used
+    assert cli_main(["plan", "--model", "qwen1.5-7b-chat", "--nodes", "1", "--gpus-per-node", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "s*b*h*(34 + 5*a*s/h)" in table and "s*b*V*(2+4)" in table and "DDP" in table
