@@ -150,3 +150,33 @@ def test_cli_reads_the_yaml(tmp_path, capsys):
     assert cli_main(["plan", "--model", "qwen1.5-7b-chat", "--nodes", "1", "--gpus-per-node", "8"]) == 0
     table = capsys.readouterr().out
     assert "s*b*h*(34 + 5*a*s/h)" in table and "s*b*V*(2+4)" in table and "DDP" in table
+
+
+def test_cli_model_preset_stands_in_for_an_unreadable_checkpoint(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"model": {"pretrained": str(tmp_path / "absent")}},
+                "data": {"max_length": 1024, "batch_size": 4},
+            }
+        )
+    )
+    with pytest.raises(SystemExit, match="add --model"):
+        cli_main(["plan", "--config", str(config), "--nodes", "1", "--gpus-per-node", "8"])
+    args = [
+        "plan",
+        "--config",
+        str(config),
+        "--model",
+        "qwen1.5-0.5b-chat",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+    ]
+    assert cli_main([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["params"]["total"]["total"] == hand_counts("qwen1.5-0.5b-chat")["total"]
+    assert got["activations"]["max_length"] == 1024 and got["activations"]["micro_batch"] == 4
+    assert got["freeze"] == ["vision"]  # MMSceneModule's default when the YAML names none

@@ -197,6 +197,7 @@ def plan(
     for table in (fsdp, ddp):
         table["activations"] = acts[key]["total"]
         table["total"] = table["total_without_activations"] + table["activations"]
+        table["total_sdpa"] = table["total_without_activations"] + acts[key]["total_sdpa"]
     return Plan(
         nodes=nodes,
         gpus_per_node=gpus_per_node,
@@ -294,13 +295,14 @@ def settings_from_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument(
+    parser.add_argument(
         "--config",
         help="LightningCLI YAML: model.model, model.freeze, model.fsdp, data.max_length/batch_size",
     )
-    src.add_argument(
-        "--model", help="an LLM preset (qwen1.5-0.5b-chat, qwen1.5-7b-chat) or a config.json path"
+    parser.add_argument(
+        "--model",
+        help="an LLM preset (qwen1.5-0.5b-chat, qwen1.5-7b-chat) or config.json path; "
+        "with --config it replaces model.model (e.g. a hub checkpoint that is not on this machine)",
     )
     parser.add_argument(
         "--vision", default="siglip-so400m-patch14-384-26l", help="vision preset with --model"
@@ -327,11 +329,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def plan_main(args: argparse.Namespace) -> int:
     from mmscene.model.config import MultimodalConfig
 
+    if not args.config and not args.model:
+        raise SystemExit("mmscene plan: give --config X.yaml, --model PRESET, or both")
     if args.config:
-        from mmscene.train.module import model_config
-
         s = settings_from_yaml(args.config)
-        config = model_config(s["spec"])
     else:
         s = {
             "freeze": ["vision"],
@@ -342,7 +343,18 @@ def plan_main(args: argparse.Namespace) -> int:
             "max_length": 4096,
             "micro_batch": 1,
         }
+    if args.model:
         config = MultimodalConfig(vision=args.vision, text=args.model)
+    else:
+        from mmscene.train.module import model_config
+
+        try:
+            config = model_config(s["spec"])
+        except Exception as err:  # noqa: BLE001 - e.g. a hub id while offline: say what to do instead
+            raise SystemExit(
+                f"mmscene plan: cannot read the model config of {args.config} ({type(err).__name__}: {err}); "
+                "add --model PRESET (e.g. qwen1.5-7b-chat) to plan with a preset of the same size"
+            ) from err
     result = plan(
         config,
         nodes=args.nodes,
@@ -417,9 +429,10 @@ def format_plan(p: Plan) -> str:
         lines.append(f"    {'vision layers':<22}{_gib(t['vision']):>16}{_gib(t['vision_sdpa']):>16}")
     lines.append(f"    {'logits':<22}{_gib(a['logits']):>16}")
     lines.append("")
-    lines.append(
-        f"total per GPU (configured checkpointing, eager attention): FSDP2 {_gib(f['total']).strip()}, "
-        f"DDP {_gib(d['total']).strip()}"
-    )
+    ckpt = "with" if p.activation_checkpointing else "without"
+    lines.append(f"total per GPU ({ckpt} activation checkpointing, as configured):")
+    lines.append(f"  {'FSDP2, SDPA attention (transformers default)':<42}{_gib(f['total_sdpa'])}")
+    lines.append(f"  {'FSDP2, eager attention':<42}{_gib(f['total'])}")
+    lines.append(f"  {'DDP, SDPA attention':<42}{_gib(d['total_sdpa'])}")
     lines.append("not included: CUDA context, NCCL buffers, allocator fragmentation (add ~10-20%)")
     return "\n".join(lines)
