@@ -17,7 +17,7 @@ def load_module_from_checkpoint(path: str | Path):
     from mmscene.train.module import MMSceneModule
 
     ckpt = read_training_checkpoint(Path(path))
-    hparams = dict(ckpt["hyper_parameters"])
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # drop CLI bookkeeping
     module = MMSceneModule(**hparams)
     module.configure_model()
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

@@ -82,6 +82,7 @@ class MMSceneDataModule(L.LightningDataModule):
         predict_output: str = "predictions.jsonl",
     ):
         super().__init__()
+        self.save_hyperparameters()  # the tokenizer path travels with checkpoints (export, predict)
         self.predict, self.predict_media_root, self.predict_output = predict, predict_media_root, predict_output
         self.tokens = parse_batching(batching)
         if self.tokens is not None and max_length is not None and max_length > self.tokens.row_capacity:
