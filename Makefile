@@ -10,7 +10,7 @@ install:
 	$(PY) -m pip install -q -e '.[test]'
 
 demo: install
-	$(PY) -m mmscene.smoke
+	$(PY) -m mmscene.demo
 
 test: install
 	$(PY) -m pytest -q
