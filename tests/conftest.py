@@ -10,3 +10,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small demo dataset (all four scenarios) shared by the training tests."""
+    from mmscene.data.demo import make_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    make_demo(out, n_train_per_scenario=16, n_val_per_scenario=4, progress=False)
+    return out

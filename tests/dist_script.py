@@ -10,7 +10,6 @@ DistributedSampler), so 1 rank x batch 8 and 2 ranks x batch 4 see the same glob
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from functools import partial
@@ -20,12 +19,12 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
+from train_helpers import KillAt, tiny_config
 
 from mmscene.data.collate import pad_collate
 from mmscene.data.mixer import EvalSamples, Source
 from mmscene.train.datamodule import MMSceneDataModule, load_tokenizer
 from mmscene.train.module import MMSceneModule
-from train_helpers import tiny_config
 
 SCENARIOS = ("single_image", "multi_image", "video", "3d")
 
@@ -88,13 +87,6 @@ class Record(L.Callback):
             torch.save({k: v.clone() for k, v in state.items()}, self.out / "weights.pt")
 
 
-class KillAt(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            os._exit(3)
 
 
 def main() -> None:

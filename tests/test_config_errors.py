@@ -5,16 +5,7 @@ import sys
 
 import pytest
 import yaml
-
-from mmscene.data.demo import make_demo
 from train_helpers import tiny_config, write_config
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    make_demo(out, n_train_per_scenario=4, n_val_per_scenario=2, progress=False)
-    return out
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -126,9 +126,8 @@ def test_real_size_configs_on_meta(text, llm_params):
 
 
 def test_stage_composition_drops_last_vision_layer(tmp_path):
-    from transformers import Qwen2ForCausalLM, SiglipVisionModel
-
     from helpers import tiny_text_config, tiny_vision_config
+    from transformers import Qwen2ForCausalLM, SiglipVisionModel
 
     full_tower = SiglipVisionModel(tiny_vision_config(num_hidden_layers=3)).eval()
     full_tower.save_pretrained(tmp_path / "siglip")

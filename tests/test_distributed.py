@@ -9,16 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmscene.data.demo import make_demo
-
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    make_demo(out, n_train_per_scenario=16, n_val_per_scenario=2, progress=False)
-    return out
 
 
 def _run(out: Path, strategy: str, devices: int, steps: int, data: Path, *extra: str) -> subprocess.CompletedProcess:

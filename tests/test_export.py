@@ -4,12 +4,12 @@ import subprocess
 import sys
 
 import torch
+from train_helpers import tiny_config, write_config
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mmscene.data.demo import make_demo
 from mmscene.export import load_module_from_checkpoint
 from mmscene.train.cli import build_cli
-from train_helpers import tiny_config, write_config
 
 
 def test_export_training_checkpoint_to_llava_hf(tmp_path):

@@ -2,7 +2,6 @@
 
 import io
 import json
-import random
 from collections import Counter
 
 import pytest

@@ -1,8 +1,8 @@
 """Packed rows must compute exactly what the samples compute alone."""
 
 import torch
-
 from helpers import IMAGE_TOKEN, tiny_llava
+
 from mmscene.data.packing import first_fit, packed_collate
 from mmscene.model.core import IGNORE_INDEX
 from mmscene.model.formats import load_checkpoint
@@ -10,7 +10,7 @@ from mmscene.model.formats import load_checkpoint
 
 def _sample(n_images, n_text, seed):
     g = torch.Generator().manual_seed(seed)
-    pieces, labels = [], []
+    pieces = []
     for _ in range(n_images):
         t = torch.randint(0, 400, (3,), generator=g)
         pieces += [t, torch.full((4,), IMAGE_TOKEN)]

@@ -2,9 +2,10 @@
 
 import json
 
+from train_helpers import tiny_config, write_config
+
 from mmscene.data.demo import make_demo
 from mmscene.train.cli import build_cli
-from train_helpers import tiny_config, write_config
 
 
 def test_predict_writes_answers_and_reports_bad_prompts(tmp_path):

@@ -6,20 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-
-from mmscene.data.demo import make_demo
 from train_helpers import tiny_config, write_config
 
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    make_demo(out, n_train_per_scenario=12, n_val_per_scenario=4, progress=False)
-    return out
 
 
 def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
