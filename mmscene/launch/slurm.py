@@ -211,8 +211,12 @@ class SlurmJob:
         return cmd
 
     def config_path(self) -> Path:
+        """The YAML as the job will read it (relative to --chdir), else as seen from here."""
         path = Path(self.config)
-        return path if path.is_absolute() else Path(self.chdir or os.getcwd()) / path
+        if path.is_absolute():
+            return path
+        in_job = Path(self.chdir or os.getcwd()) / path
+        return in_job if in_job.is_file() or not path.is_file() else path
 
     def render(self) -> str:
         chdir = self.chdir or os.getcwd()
@@ -246,8 +250,9 @@ class SlurmJob:
         sb(f"#SBATCH --error={out}/%x-%j.err")
         lines += [
             "",
-            f"# On {self.requeue_signal} each rank writes hpc_ckpt_<n>.ckpt into trainer.default_root_dir",
-            f"# ({root}); rank 0 requeues the job, and the requeued job resumes from the newest one.",
+            f"# On {self.requeue_signal} the ranks write hpc_ckpt_<n>.ckpt into trainer.default_root_dir",
+            f"# ({root});",
+            "# rank 0 requeues the job, and the requeued job resumes from the newest one.",
             "# A fresh run needs a default_root_dir without hpc_ckpt_* files, or it resumes from them.",
             "set -eo pipefail",
             'echo "mmscene: job ${SLURM_JOB_ID} start $(date -Is) restart=${SLURM_RESTART_COUNT:-0}'
@@ -391,7 +396,10 @@ def slurm_main(args: argparse.Namespace) -> int:
     for problem in check_config(args.config):
         print(f"mmscene slurm: warning: {problem}", file=sys.stderr)
     # SLURM opens --output/--error before the script runs: the folder must exist at submission.
-    job.log_dir().mkdir(parents=True, exist_ok=True)
+    if Path(job.chdir or os.getcwd()).is_dir():
+        job.log_dir().mkdir(parents=True, exist_ok=True)
+    else:
+        print(f"mmscene slurm: note: create {job.log_dir()} on the cluster before sbatch", file=sys.stderr)
     script = job.render()
     if args.write:
         Path(args.write).write_text(script)
