@@ -1,14 +1,30 @@
 """mmscene: LLaVA-NeXT-Interleave-style multimodal training and evaluation."""
 
-from mmscene.model import IGNORE_INDEX, CheckpointError, MultimodalConfig, MultimodalLM, register_projector
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "IGNORE_INDEX",
-    "CheckpointError",
-    "MultimodalConfig",
-    "MultimodalLM",
-    "register_projector",
-    "__version__",
-]
+# Loaded on first use so that `import mmscene` (and the CLI's data tools) stay fast.
+_EXPORTS = {
+    "IGNORE_INDEX": "mmscene.model.core",
+    "MultimodalLM": "mmscene.model.core",
+    "MultimodalConfig": "mmscene.model.config",
+    "CheckpointError": "mmscene.model.formats",
+    "register_projector": "mmscene.model.projector",
+    "Scenario": "mmscene.scenario",
+    "Example": "mmscene.scenario",
+    "Prompt": "mmscene.scenario",
+    "SkipSample": "mmscene.scenario",
+    "IMAGE_PLACEHOLDER": "mmscene.scenario",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mmscene' has no attribute {name!r}")

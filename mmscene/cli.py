@@ -24,12 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     from mmscene.data.demo import add_demo_arguments
 
     add_demo_arguments(data.add_parser("demo", help="synthetic four-scenario dataset for configs/demo.yaml"))
-    try:
-        from mmscene.data.inspect import add_inspect_arguments
+    from mmscene.data.inspect import add_inspect_arguments
 
-        add_inspect_arguments(data.add_parser("inspect", help="show samples of a shard or folder"))
-    except ImportError:
-        pass
+    add_inspect_arguments(data.add_parser("inspect", help="show samples of a shard or folder"))
 
     export = sub.add_parser("export", help="export a training checkpoint").add_subparsers(dest="format", required=True)
     from mmscene.export import add_export_arguments
