@@ -102,11 +102,13 @@ def test_real_size_plan_matches_hand_computation(llm, nodes, gpus):
     h, a, L, V = q["h"], q["a"], q["L"], q["V"]
     layer = s * b * h * 34 + 5 * a * s * s * b  # = s*b*h*(34 + 5*a*s/h)
     logits = s * b * V * (2 + 4)
+    logits_grad = s * b * V * (4 + 2)  # fp32 loss gradient + bf16 cast, while the logits are held
     acts = got.activations
-    assert acts["full"]["total"] == L * layer + logits  # frozen tower: nothing kept
-    assert acts["full"]["total_sdpa"] == L * s * b * h * 34 + logits
-    assert acts["checkpointed"]["total"] == L * 2 * s * b * h + layer + logits
-    assert got.fsdp["total"] == got.fsdp["total_without_activations"] + L * layer + logits
+    assert acts["full"]["stored"] == L * layer + logits  # frozen tower: nothing kept
+    assert acts["full"]["total"] == L * layer + logits + logits_grad
+    assert acts["full"]["total_sdpa"] == L * s * b * h * 34 + logits + logits_grad
+    assert acts["checkpointed"]["total"] == L * 2 * s * b * h + layer + logits + logits_grad
+    assert got.fsdp["total"] == got.fsdp["total_without_activations"] + L * layer + logits + logits_grad
 
 
 def test_more_gpus_shrink_sharded_bytes_not_replicated_ones():
@@ -162,6 +164,7 @@ def test_cli_reads_the_yaml(tmp_path, capsys):
     assert cli_main(["plan", "--model", "qwen1.5-7b-chat", "--nodes", "1", "--gpus-per-node", "8"]) == 0
     table = capsys.readouterr().out
     assert "s*b*h*(34 + 5*a*s/h)" in table and "s*b*V*(2+4)" in table and "DDP" in table
+    assert "s*b*V*(4+2)" in table
 
 
 def test_cli_model_preset_stands_in_for_an_unreadable_checkpoint(tmp_path, capsys):

@@ -22,7 +22,8 @@ Activation Recomputation in Large Transformer Models", no tensor/sequence parall
     softmax / dropout tensors, which SDPA / flash attention never store (reported separately);
   * without checkpointing: L * per layer; with activation checkpointing of every layer: the
     layer inputs L * 2*s*b*h plus one layer recomputed in backward;
-  * logits: s*b*V*(2 + 4) bytes (bf16 logits and their fp32 copy for the loss);
+  * logits: s*b*V*(2 + 4) bytes (bf16 logits and their fp32 copy for the loss), and when backward
+    starts, while they are still held, their gradients: another s*b*V*(4 + 2) bytes;
   * vision tower (only when trained): the same formula with s = tokens per image, b = images.
 These are estimates: allocator fragmentation, NCCL buffers and the CUDA context (~1-3 GiB) come
 on top.
@@ -229,6 +230,9 @@ def activations(model, freeze, s: int, b: int, images_per_sample: int, act_bytes
     layer = layer_activation_bytes(s, b, h, a, act_bytes)
     layer_sdpa = layer_activation_bytes(s, b, h, a, act_bytes, scores=False)
     logits = s * b * V * (act_bytes + 4)
+    # Backward begins with the loss's fp32 gradient and its bf16 cast while the logits are still
+    # held: the peak of a step (measured on an H200 with the 0.5B config, see docs/slurm.md).
+    logits_grad = s * b * V * (4 + act_bytes)
     inputs = L * s * b * h * act_bytes  # what checkpointing keeps: each layer's input
     out: dict[str, Any] = {
         "max_length": s,
@@ -236,6 +240,7 @@ def activations(model, freeze, s: int, b: int, images_per_sample: int, act_bytes
         "llm_layer": layer,
         "llm_layer_sdpa": layer_sdpa,
         "logits": logits,
+        "logits_grad": logits_grad,
     }
     vis = model.config.vision_config
     images = b * images_per_sample
@@ -267,8 +272,10 @@ def activations(model, freeze, s: int, b: int, images_per_sample: int, act_bytes
     }
     for key in ("full", "checkpointed"):
         table = out[key]
-        table["total"] = table["llm"] + table["vision"] + logits
-        table["total_sdpa"] = table["llm_sdpa"] + table["vision_sdpa"] + logits
+        table["stored"] = table["llm"] + table["vision"] + logits
+        table["stored_sdpa"] = table["llm_sdpa"] + table["vision_sdpa"] + logits
+        table["total"] = table["stored"] + logits_grad
+        table["total_sdpa"] = table["stored_sdpa"] + logits_grad
     return out
 
 
@@ -419,7 +426,8 @@ def format_plan(p: Plan) -> str:
         f"{a['images']} image(s) x {a['vision_tokens_per_image']} tokens"
     )
     lines.append("  per decoder layer s*b*h*(34 + 5*a*s/h) bytes (Korthikanti et al. 2022, 16-bit);")
-    lines.append("  SDPA/flash attention does not store the 5*a*s/h score term; logits s*b*V*(2+4) bytes")
+    lines.append("  SDPA/flash attention does not store the 5*a*s/h score term; logits s*b*V*(2+4) bytes,")
+    lines.append("  and their gradients s*b*V*(4+2) bytes at the start of backward")
     lines.append(f"  {'':<24}{'eager attention':>16}{'SDPA / flash':>16}")
     for key, title in (("full", "no checkpointing"), ("checkpointed", "act. checkpointing")):
         t = a[key]
@@ -428,6 +436,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"    {'LLM layers':<22}{_gib(t['llm']):>16}{_gib(t['llm_sdpa']):>16}")
         lines.append(f"    {'vision layers':<22}{_gib(t['vision']):>16}{_gib(t['vision_sdpa']):>16}")
     lines.append(f"    {'logits':<22}{_gib(a['logits']):>16}")
+    lines.append(f"    {'logits gradients':<22}{_gib(a['logits_grad']):>16}")
     lines.append("")
     ckpt = "with" if p.activation_checkpointing else "without"
     lines.append(f"total per GPU ({ckpt} activation checkpointing, as configured):")
