@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     add_slurm_arguments(sub.add_parser("slurm", help="print an sbatch script for multi-node `mmscene fit`"))
     from mmscene.launch.plan import add_plan_arguments
 
-    add_plan_arguments(sub.add_parser("plan", help="parameters, FSDP2 memory per GPU and activations before launching"))
+    add_plan_arguments(
+        sub.add_parser("plan", help="parameters, FSDP2 memory per GPU and activations before launching")
+    )
     return parser
 
 
