@@ -23,7 +23,8 @@ import torch
 import yaml
 
 from mmscene.cli import main as cli_main
-from mmscene.launch.slurm import CALLBACK, SlurmJob, SlurmRequeue
+from mmscene.launch.requeue import SlurmRequeue
+from mmscene.launch.slurm import CALLBACK, SlurmJob
 
 REPO = Path(__file__).resolve().parents[1]
 
