@@ -243,7 +243,7 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar='"--key value"',
-        help='more `mmscene fit` arguments, e.g. --extra "--trainer.max_steps 1000" (repeatable)',
+        help='more `mmscene fit` arguments, e.g. --extra "--trainer.max_steps 1000" (repeatable; a lone flag as --extra=--flag)',
     )
     parser.add_argument(
         "--cpu", action="store_true", help="CPU processes with gloo instead of GPUs (tests, dry runs)"
