@@ -11,6 +11,9 @@ the rest of the budget so that padding is minimal:
 - ``pack: false``: one sample per row, rows padded to the batch's longest; samples of similar
   length are grouped so that ``rows x longest <= max_tokens``.
 
+The buffer holds decoded pixels: budget about ``lookahead x images per sample x 1.7 MB`` (384 px
+fp32) per DataLoader worker, e.g. ~0.5 GB for 64 samples of an M4-like mix.
+
 YAML (``data.batching``)::
 
     batching:
