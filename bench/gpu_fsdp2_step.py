@@ -32,13 +32,18 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 def make_samples(n: int, tokens_per_image: int, tokens_per_frame: int, image_token: int, seed: int = 0):
     rng = random.Random(seed)
     samples = []
-    for i in range(n):
+    for _ in range(n):
         kind = rng.choices(["single", "multi", "video", "text"], weights=[0.4, 0.3, 0.15, 0.15])[0]
-        n_img, pooled = {"single": (1, False), "multi": (rng.randint(2, 8), False), "video": (16, True), "text": (0, False)}[kind]
+        n_img, pooled = {
+            "single": (1, False),
+            "multi": (rng.randint(2, 8), False),
+            "video": (16, True),
+            "text": (0, False),
+        }[kind]
         text = rng.randint(40, 200) if kind != "text" else rng.randint(200, 900)
         per = tokens_per_frame if pooled else tokens_per_image
         ids = [rng.randrange(1000, 100000) for _ in range(text)]
-        ids[: 0] = [image_token] * (per * n_img)
+        ids[:0] = [image_token] * (per * n_img)
         input_ids = torch.tensor(ids)
         labels = input_ids.clone()
         labels[: per * n_img + text // 2] = IGNORE_INDEX
@@ -74,7 +79,9 @@ def packed_batches(samples, max_tokens: int, pad_id: int):
 def model_flops(model: MultimodalLM, batch) -> float:
     """Useful FLOPs of one step: 6N per trained token + causal attention per sample, 2N per vision token."""
     cfg_t = model.config.text_config
-    n_llm = sum(p.numel() for p in model.language_model.parameters()) + sum(p.numel() for p in model.projector.parameters())
+    n_llm = sum(p.numel() for p in model.language_model.parameters()) + sum(
+        p.numel() for p in model.projector.parameters()
+    )
     n_vis = sum(p.numel() for p in model.vision_tower.parameters())
     L, d = cfg_t.num_hidden_layers, cfg_t.hidden_size
     if batch.get("position_ids") is not None:
@@ -168,7 +175,9 @@ def main() -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if args.tiny:
-        config = MultimodalConfig(vision="tiny-siglip", text="tiny-qwen2", image_token_id=500, frame_pool_stride=2)
+        config = MultimodalConfig(
+            vision="tiny-siglip", text="tiny-qwen2", image_token_id=500, frame_pool_stride=2
+        )
     else:
         config = MultimodalConfig(text="qwen1.5-0.5b-chat", frame_pool_stride=2)
     torch.manual_seed(0)
@@ -185,18 +194,26 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     size = model.image_size
-    samples = make_samples(args.samples, model.tokens_per_image(), model.tokens_per_image(pooled=True), config.image_token_id)
+    samples = make_samples(
+        args.samples, model.tokens_per_image(), model.tokens_per_image(pooled=True), config.image_token_id
+    )
     for s in samples:
         s["pixel_values"] = s["pixel_values"][..., :size, :size]
         if config.text_config.vocab_size < 100000:
-            s["input_ids"] = torch.where(s["input_ids"] == config.image_token_id, s["input_ids"], s["input_ids"] % 400)
+            s["input_ids"] = torch.where(
+                s["input_ids"] == config.image_token_id, s["input_ids"], s["input_ids"] % 400
+            )
             s["labels"] = torch.where(s["labels"] < 0, s["labels"], s["labels"] % 400)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     print(f"device: {name}; params {model.num_parameters()}; samples {len(samples)}", flush=True)
     rows = [
-        run_mode("padded", model, optimizer, padded_batches(samples, args.batch, 0), device, args.warmup, peak),
-        run_mode("packed", model, optimizer, packed_batches(samples, args.max_tokens, 0), device, args.warmup, peak),
+        run_mode(
+            "padded", model, optimizer, padded_batches(samples, args.batch, 0), device, args.warmup, peak
+        ),
+        run_mode(
+            "packed", model, optimizer, packed_batches(samples, args.max_tokens, 0), device, args.warmup, peak
+        ),
     ]
     print(f"{'mode':<8} {'tokens/s':>10} {'pad eff':>8} {'ms/step':>8} {'peak GiB':>9} {'MFU':>6}")
     for r in rows:
@@ -204,7 +221,9 @@ def main() -> None:
             f"{r['mode']:<8} {r['real_tokens_per_s']:>10.0f} {r['padding_efficiency']:>8.3f} {r['step_s'] * 1e3:>8.0f} "
             f"{r['peak_mem_gib']:>9.1f} {r['mfu']:>6.3f}"
         )
-    print(f"summary: packed/padded tokens/s = {rows[1]['real_tokens_per_s'] / rows[0]['real_tokens_per_s']:.2f}x on {name}")
+    print(
+        f"summary: packed/padded tokens/s = {rows[1]['real_tokens_per_s'] / rows[0]['real_tokens_per_s']:.2f}x on {name}"
+    )
     with open(os.path.join(args.out, "gpu_fsdp2_step.json"), "w") as f:
         json.dump({"device": name, "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=2)
     dist.destroy_process_group()

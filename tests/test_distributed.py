@@ -43,7 +43,8 @@ def test_two_ranks_match_one_process(tmp_path, demo_data, single, strategy):
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trains
     wa, wb = torch.load(single / "weights.pt", weights_only=True), torch.load(tmp_path / "weights.pt", weights_only=True)
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+        # summation order differs across ranks: float rounding, not data, separates the weights
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-3)
 
 
 def test_fsdp2_two_rank_exact_resume(tmp_path, demo_data):

@@ -124,3 +124,18 @@ def test_a_source_that_only_skips_fails_loudly(tmp_path):
     ds.max_consecutive_skips = 50
     with pytest.raises(RuntimeError, match=r"50 samples in a row were skipped .*toy/corrupt_media"):
         next(iter(ds))
+
+
+def test_tiny_shard_fallback_resumes_exactly(tmp_path):
+    # 3 ranks, one shard of 2 samples per source: rank 2 gets nothing by sample splitting and
+    # falls back to reading everything; that decision is part of the saved state.
+    write_shards(tmp_path / "a", "a", 2, 10)
+    write_shards(tmp_path / "b", "b", 2, 10)
+    ref = iter(make(tmp_path, rank=2, world_size=3))
+    batches = [next(ref) for _ in range(8)]
+    for cut in (0, 1, 4, 6):
+        ds = make(tmp_path, rank=2, world_size=3)
+        state = batches[cut]["_data_state"]
+        ds.resume = {"consumed": cut + 1, "slots": {str(state["slot"]): state["state"]}}
+        it = iter(ds)
+        assert [next(it)["keys"] for _ in range(len(batches) - cut - 1)] == [b["keys"] for b in batches[cut + 1 :]]

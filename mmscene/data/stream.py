@@ -45,6 +45,11 @@ class StreamState:
     epoch: int = 0
     shard_cursor: int = 0  # index into this epoch's shard order
     sample_cursor: int = 0  # raw samples already read from the current shard
+    yielded: bool = False  # whether this epoch gave this slice anything so far
+    # A slice that got nothing from sample-level splitting (tiny shards) reads every sample
+    # from then on rather than starving its rank.
+    fallback: bool = False
+    empty_epochs: int = 0
 
 
 class ShardStream:
@@ -63,7 +68,6 @@ class ShardStream:
         self.shards = list(shards) if self.by_sample else list(shards[slice_id::n_slices])
         self.slice_id, self.n_slices = slice_id, n_slices
         self.state = StreamState()
-        self._empty_epochs = 0
 
     def _order(self, epoch: int) -> list[str]:
         order = list(self.shards)
@@ -83,28 +87,23 @@ class ShardStream:
     def _samples(self) -> Iterator[dict[str, Any]]:
         while True:
             order = self._order(self.state.epoch)
-            yielded = False
             while self.state.shard_cursor < len(order):
                 shard = order[self.state.shard_cursor]
                 for index, sample in self._read_shard(shard, self.state.sample_cursor):
                     self.state.sample_cursor = index + 1
-                    if self.by_sample and index % self.n_slices != self.slice_id and not self._fallback:
+                    if self.by_sample and index % self.n_slices != self.slice_id and not self.state.fallback:
                         continue
-                    yielded = True
+                    self.state.yielded = True
                     sample["__shard__"] = shard
                     yield sample
                 self.state.shard_cursor += 1
                 self.state.sample_cursor = 0
-            self.state = StreamState(epoch=self.state.epoch + 1)
-            self._empty_epochs = 0 if yielded else self._empty_epochs + 1
-            if self._empty_epochs >= 2:
+            done = self.state
+            empty = 0 if done.yielded else done.empty_epochs + 1
+            if empty >= 2:
                 raise RuntimeError(f"source {self.name!r}: no readable samples in {len(self.shards)} shards")
-
-    @property
-    def _fallback(self) -> bool:
-        # A slice that got nothing from sample-level splitting (tiny shards) reads every sample
-        # rather than starving its rank.
-        return self._empty_epochs > 0
+            fallback = done.fallback or (not done.yielded and self.by_sample)
+            self.state = StreamState(epoch=done.epoch + 1, fallback=fallback, empty_epochs=empty)
 
     def _read_shard(self, shard: str, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
         try:

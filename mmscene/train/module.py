@@ -101,8 +101,13 @@ class MMSceneModule(L.LightningModule):
         loss = self(batch).loss
         n = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        tokens = batch["attention_mask"].sum() if batch.get("attention_mask") is not None else batch["input_ids"].numel()
-        self.log("train/tokens", tokens.float() if torch.is_tensor(tokens) else float(tokens), reduce_fx="sum", batch_size=n)
+        if batch.get("real_tokens") is not None:  # packed rows: count samples' tokens, not row padding
+            tokens = float(batch["real_tokens"])
+        elif batch.get("attention_mask") is not None:
+            tokens = float(batch["attention_mask"].sum())
+        else:
+            tokens = float(batch["input_ids"].numel())
+        self.log("train/tokens", tokens, reduce_fx="sum", batch_size=n)
         return loss
 
     def configure_optimizers(self):
