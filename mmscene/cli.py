@@ -63,10 +63,13 @@ def _plugins_main() -> int:
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("mmscene").addHandler(handler)
-    logging.getLogger("mmscene").setLevel(logging.INFO)
+    logger = logging.getLogger("mmscene")
+    if not any(getattr(h, "_mmscene_cli", False) for h in logger.handlers):  # once per process
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._mmscene_cli = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     if argv and argv[0] in LIGHTNING_VERBS:
         from mmscene.train.cli import lightning_main
 

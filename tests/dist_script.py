@@ -99,6 +99,8 @@ def main() -> None:
     torch.manual_seed(0)
     random.seed(0)
     cfg = tiny_config(data, out)
+    # Untied embeddings: FSDP2 then shards the embedding and LM head as units of their own.
+    cfg["model"]["model"]["config"]["text"]["tie_word_embeddings"] = False
     m = cfg["model"]
     module = MMSceneModule(model=m["model"], freeze=m["freeze"], lr=m["lr"], warmup_steps=2, max_new_tokens=2)
     d = cfg["data"]

@@ -40,6 +40,11 @@ def maybe_shard(module, cfg: dict[str, Any]) -> bool:
 def shard_units(model) -> list[torch.nn.Module]:
     units = list(getattr(getattr(model.vision_tower, "encoder", None), "layers", []))
     units += list(model.language_model.model.layers)
+    lm = model.language_model
+    if not getattr(lm.config, "tie_word_embeddings", False):
+        # Untied embeddings and LM head are large (1.2B parameters at 7B): give each its own
+        # unit so the root does not hold them whole. Tied ones share a tensor and stay at the root.
+        units += [lm.get_input_embeddings(), lm.get_output_embeddings()]
     return units
 
 
