@@ -18,12 +18,12 @@ from rich.table import Table
 console = Console()
 
 
-def run(config: str, data: str, extra: list[str]) -> Path:
+def run(config: str, data: str, extra: list[str], **demo_kwargs) -> Path:
     from mmscene.data.demo import make_demo
     from mmscene.train.cli import build_cli
 
     t0 = time.perf_counter()
-    make_demo(data)
+    make_demo(data, **demo_kwargs)
     console.print(f"demo data ready in {data} ({time.perf_counter() - t0:.0f} s)")
     t1 = time.perf_counter()
     cli = build_cli(["fit", "--config", config, *extra])

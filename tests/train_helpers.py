@@ -27,6 +27,8 @@ def tiny_config(data: Path, root: Path, **trainer) -> dict:
     d["scenarios"]["3d"] = {"num_views": 2, "view_size": 32}
     d["scenarios"]["video"] = {"num_frames": 3}
     t = cfg["trainer"]
+    # tests run without progress bars
+    t["callbacks"] = [c for c in t.get("callbacks", []) if "ProgressBar" not in c["class_path"]]
     t.update(max_steps=8, val_check_interval=None, limit_val_batches=0, enable_progress_bar=False, log_every_n_steps=1)
     t["default_root_dir"] = str(root)
     t["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "logs"}}

@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 
 from PIL import Image, ImageFile
 
+from mmscene.data.media import MAX_IMAGE_PIXELS
 from mmscene.data.report import UNKNOWN_SCENARIO, ConvertReport
 from mmscene.data.schema import make_record
 from mmscene.data.shards import SHARD_GLOB, KeyAllocator, ShardWriter
@@ -47,8 +48,8 @@ DEFAULT_RULES: dict[str, str] = {
     "3d-llm": THREE_D,
 }
 
-# 2x PIL's default MAX_IMAGE_PIXELS, i.e. the size at which PIL itself raises DecompressionBombError.
-BOMB_PIXELS = 2 * 89_478_485
+# The same limit the loaders apply (mmscene.data.media), so nothing converted is refused later.
+BOMB_PIXELS = MAX_IMAGE_PIXELS
 MESH_TYPES = ("obj", "glb", "gltf", "ply", "stl", "off")
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _QUESTION_TYPES = {

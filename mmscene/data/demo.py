@@ -35,7 +35,7 @@ from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
 from mmscene.scenario import IMAGE_PLACEHOLDER
 
 # Bump when the generated content changes, so an old OUT/DONE no longer counts as done.
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 SPLITS = ("train", "val")
 SCENARIOS = ("single_image", "multi_image", "video", "3d")
 VIDEO_FPS = 4
@@ -52,6 +52,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 195, 25),
 }
 BACKGROUND = (250, 250, 250)
+# The shapes the odd image stands out from: a tiny model spots "the coloured one" in minutes,
+# while comparing arbitrary colour pairs across images takes it far longer.
+NEUTRAL = ("grey", (120, 120, 120))
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 SOLIDS = ("cube", "sphere", "cylinder", "cone")
@@ -343,11 +346,12 @@ class _Generator:
     def _media_multi_image(self, task: Task, label: str, sample_id: str):
         odd = ORDINALS.index(label)
         shape = self.rng.choice(SHAPES)
-        common, different = self.rng.sample(list(COLOURS), 2)
+        common, different = NEUTRAL[0], self.rng.choice(list(COLOURS))
+        palette = {**COLOURS, NEUTRAL[0]: NEUTRAL[1]}
         rels = []
         for j in range(len(ORDINALS)):
             path, rel = self._path(sample_id, f".{j}.png")
-            draw_shape(shape, COLOURS[different if j == odd else common], self.px, self.rng).save(path)
+            draw_shape(shape, palette[different if j == odd else common], self.px, self.rng).save(path)
             rels.append(rel)
         prefix = "".join(f"Image {j + 1}: {IMAGE_PLACEHOLDER}\n" for j in range(len(rels)))
         return {"image": rels}, prefix, {"shape": shape, "colour": common, "odd_colour": different}
