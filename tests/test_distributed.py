@@ -73,7 +73,7 @@ def test_export_hf_from_sharded_fsdp2_checkpoint(tmp_path, demo_data):
 
     from mmscene.export import load_module_from_checkpoint
 
-    done = _run(tmp_path / "run", "fsdp2", 2, 3, demo_data, "stream", "-", "3")
+    done = _run(tmp_path / "run", "fsdp2", 2, 6, demo_data, "stream", "-", "3")
     assert done.returncode != 0  # killed at step 3, after the step-2 checkpoint
     ckpt = next((tmp_path / "run" / "ckpts").glob("*step=2*"))
     out = tmp_path / "hf"
