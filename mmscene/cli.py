@@ -17,10 +17,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="convert, generate and inspect shards").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="convert, generate and inspect shards").add_subparsers(
+        dest="data_command", required=True
+    )
     from mmscene.data.convert import add_convert_arguments
 
-    add_convert_arguments(data.add_parser("convert", help="LLaVA / M4-Instruct annotations -> WebDataset shards"))
+    add_convert_arguments(
+        data.add_parser("convert", help="LLaVA / M4-Instruct annotations -> WebDataset shards")
+    )
     from mmscene.data.demo import add_demo_arguments
 
     add_demo_arguments(data.add_parser("demo", help="synthetic four-scenario dataset for configs/demo.yaml"))
@@ -28,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_inspect_arguments(data.add_parser("inspect", help="show samples of a shard or folder"))
 
-    export = sub.add_parser("export", help="export a training checkpoint").add_subparsers(dest="format", required=True)
+    export = sub.add_parser("export", help="export a training checkpoint").add_subparsers(
+        dest="format", required=True
+    )
     from mmscene.export import add_export_arguments
 
     add_export_arguments(export.add_parser("hf", help="transformers LlavaForConditionalGeneration directory"))

@@ -57,7 +57,9 @@ def report(log_dir: Path, data: Path) -> None:
             table.add_row(name.split("/")[0] if "/" in name else "all", "", "overall", f"{value:.3f}", "")
     console.print(table)
     png = plot(log_dir)
-    console.print(f"plot: {png}\nscores: {log_dir / 'results.json'}  predictions: {log_dir / 'predictions.jsonl'}")
+    console.print(
+        f"plot: {png}\nscores: {log_dir / 'results.json'}  predictions: {log_dir / 'predictions.jsonl'}"
+    )
 
 
 def plot(log_dir: Path) -> Path:

@@ -17,7 +17,9 @@ def load_module_from_checkpoint(path: str | Path):
     from mmscene.train.module import MMSceneModule
 
     ckpt = read_training_checkpoint(Path(path))
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}  # drop CLI bookkeeping
+    hparams = {
+        k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")
+    }  # drop CLI bookkeeping
     module = MMSceneModule(**hparams)
     module.configure_model()
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -25,14 +27,20 @@ def load_module_from_checkpoint(path: str | Path):
     tied = getattr(module.model_config.text_config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k == "language_model.lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise ValueError(
+            f"checkpoint {path} does not match its model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
     return module, ckpt
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt file or sharded checkpoint folder")
+    parser.add_argument(
+        "--checkpoint", required=True, help="Lightning .ckpt file or sharded checkpoint folder"
+    )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one the run trained with)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder (default: the one the run trained with)"
+    )
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 
 

@@ -41,7 +41,9 @@ def scenario_class(name: str) -> type[Scenario]:
         raise ValueError(f"no installed plugin provides scenario {name!r} (installed: {known})")
     cls = eps[name].load()
     if not (isinstance(cls, type) and issubclass(cls, Scenario)):
-        raise TypeError(f"entry point {eps[name].value} for scenario {name!r} is not a mmscene.Scenario subclass")
+        raise TypeError(
+            f"entry point {eps[name].value} for scenario {name!r} is not a mmscene.Scenario subclass"
+        )
     return cls
 
 

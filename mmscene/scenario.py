@@ -79,7 +79,9 @@ class Prompt:
     def __post_init__(self) -> None:
         n = sum(turn["content"].count(IMAGE_PLACEHOLDER) for turn in self.conversation)
         if n != len(self.images):
-            raise SkipSample("placeholder_mismatch", f"{n} <image> placeholders for {len(self.images)} images")
+            raise SkipSample(
+                "placeholder_mismatch", f"{n} <image> placeholders for {len(self.images)} images"
+            )
         if len(self.pooled) != len(self.images):
             raise ValueError(f"pooled has {len(self.pooled)} flags for {len(self.images)} images")
 

@@ -55,7 +55,10 @@ class FixedSamples(L.LightningDataModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = DistributedSampler(self.samples, world, rank, shuffle=False) if world > 1 else None
         return DataLoader(
-            self.samples, batch_size=self.batch_size, sampler=sampler, collate_fn=partial(pad_collate, pad_id=self.pad_id)
+            self.samples,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=partial(pad_collate, pad_id=self.pad_id),
         )
 
 
@@ -77,16 +80,18 @@ class Record(L.Callback):
             keys = [k for part in gathered for k in part]
         if trainer.is_global_zero:
             with open(self.out / "steps.jsonl", "a") as f:
-                f.write(json.dumps({"step": trainer.global_step - 1, "loss": loss.item(), "keys": keys}) + "\n")
+                f.write(
+                    json.dumps({"step": trainer.global_step - 1, "loss": loss.item(), "keys": keys}) + "\n"
+                )
 
     def on_train_end(self, trainer, pl_module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(pl_module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(
+            pl_module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if trainer.is_global_zero:
             torch.save({k: v.clone() for k, v in state.items()}, self.out / "weights.pt")
-
-
 
 
 def main() -> None:
@@ -109,8 +114,13 @@ def main() -> None:
         datamodule = FixedSamples(data, global_batch // devices, d["scenarios"])
     else:
         datamodule = MMSceneDataModule(
-            tokenizer=d["tokenizer"], train=d["train"], scenarios=d["scenarios"], batch_size=global_batch // devices,
-            num_workers=1, max_length=d["max_length"], seed=0,
+            tokenizer=d["tokenizer"],
+            train=d["train"],
+            scenarios=d["scenarios"],
+            batch_size=global_batch // devices,
+            num_workers=1,
+            max_length=d["max_length"],
+            seed=0,
         )
     if strategy == "fsdp2":
         strat = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
@@ -120,12 +130,24 @@ def main() -> None:
         strat = "auto"
     callbacks = [Record(out)]
     if kill_at:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpts", every_n_train_steps=kill_at - 1, save_top_k=-1))
+        callbacks.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=out / "ckpts", every_n_train_steps=kill_at - 1, save_top_k=-1
+            )
+        )
         callbacks.append(KillAt(kill_at))
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strat, max_steps=int(max_steps), logger=False,
-        enable_checkpointing=bool(kill_at), enable_progress_bar=False, callbacks=callbacks, limit_val_batches=0,
-        default_root_dir=str(out), use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strat,
+        max_steps=int(max_steps),
+        logger=False,
+        enable_checkpointing=bool(kill_at),
+        enable_progress_bar=False,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        default_root_dir=str(out),
+        use_distributed_sampler=False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 

@@ -9,7 +9,9 @@ from train_helpers import tiny_config, write_config
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmscene.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mmscene.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def _break(cfg: dict, how: str) -> dict:

@@ -132,7 +132,9 @@ def test_stage_composition_drops_last_vision_layer(tmp_path):
     full_tower = SiglipVisionModel(tiny_vision_config(num_hidden_layers=3)).eval()
     full_tower.save_pretrained(tmp_path / "siglip")
     Qwen2ForCausalLM(tiny_text_config()).save_pretrained(tmp_path / "qwen")
-    model = MultimodalLM.from_components(tmp_path / "siglip", tmp_path / "qwen", image_token_id=IMAGE_TOKEN).eval()
+    model = MultimodalLM.from_components(
+        tmp_path / "siglip", tmp_path / "qwen", image_token_id=IMAGE_TOKEN
+    ).eval()
     assert len(model.vision_tower.encoder.layers) == 2
     pixels = torch.randn(1, 3, 28, 28)
     with torch.no_grad():

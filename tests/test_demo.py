@@ -96,7 +96,9 @@ def test_shards_read_back_with_plain_webdataset(demo_dir, split, n):
 
 # ---------------------------------------------------------------------------------- balance
 def _generate(scenario: str, n: int, tmp_path: Path, option_order: str = "shuffled") -> list[dict]:
-    gen = demo._Generator(random.Random(f"test:{scenario}"), tmp_path / "media", scenario, 32, 3, option_order)
+    gen = demo._Generator(
+        random.Random(f"test:{scenario}"), tmp_path / "media", scenario, 32, 3, option_order
+    )
     return [gen.sample(scenario, i, f"{scenario}-{i}") for i in range(n)]
 
 

@@ -2,8 +2,9 @@
 
 import json
 
-from mmscene.demo import run
 from train_helpers import tiny_config, write_config
+
+from mmscene.demo import run
 
 
 def test_demo_flow_end_to_end(tmp_path, capsys):

@@ -12,11 +12,22 @@ import torch
 TESTS = Path(__file__).resolve().parent
 
 
-
-
-def _run(out: Path, strategy: str, devices: int, steps: int, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(TESTS / "dist_script.py"), str(out), strategy, str(devices), str(steps), str(data), *extra]
+def _run(
+    out: Path, strategy: str, devices: int, steps: int, data: Path, *extra: str
+) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
+    )
+    cmd = [
+        sys.executable,
+        str(TESTS / "dist_script.py"),
+        str(out),
+        strategy,
+        str(devices),
+        str(steps),
+        str(data),
+        *extra,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -39,9 +50,16 @@ def test_two_ranks_match_one_process(tmp_path, demo_data, single, strategy):
     ref, got = _steps(single), _steps(tmp_path)
     assert [sorted(s["keys"]) for s in got] == [sorted(s["keys"]) for s in ref]  # same global batches
     for a, b in zip(ref, got):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (
+            a["step"],
+            a["loss"],
+            b["loss"],
+        )
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trains
-    wa, wb = torch.load(single / "weights.pt", weights_only=True), torch.load(tmp_path / "weights.pt", weights_only=True)
+    wa, wb = (
+        torch.load(single / "weights.pt", weights_only=True),
+        torch.load(tmp_path / "weights.pt", weights_only=True),
+    )
     for name in wa:
         # summation order differs across ranks: float rounding, not data, separates the weights
         torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-3)
@@ -79,7 +97,9 @@ def test_export_hf_from_sharded_fsdp2_checkpoint(tmp_path, demo_data):
     out = tmp_path / "hf"
     result = subprocess.run(
         [sys.executable, "-m", "mmscene.cli", "export", "hf", "--checkpoint", str(ckpt), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     module, _ = load_module_from_checkpoint(ckpt)
@@ -89,4 +109,6 @@ def test_export_hf_from_sharded_fsdp2_checkpoint(tmp_path, demo_data):
     ids = torch.tensor([[5, 6] + [hf.config.image_token_index] * n + [7, 8]])
     pixels = torch.randn(1, 3, ours.image_size, ours.image_size)
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids, pixel_values=pixels).logits, ours(ids, pixels).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            hf(input_ids=ids, pixel_values=pixels).logits, ours(ids, pixels).logits, atol=1e-5, rtol=0
+        )

@@ -35,7 +35,10 @@ def write_shards(folder, prefix, n_samples, per_shard, corrupt=()):
                     scenario="toy",
                     task="toy",
                     question_type="open-ended",
-                    conversations=[{"role": "user", "content": "<image>\nwhich?"}, {"role": "assistant", "content": key}],
+                    conversations=[
+                        {"role": "user", "content": "<image>\nwhich?"},
+                        {"role": "assistant", "content": key},
+                    ],
                     media=[{"member": "0.png", "type": "image"}],
                 )
                 buf = io.BytesIO()
@@ -115,12 +118,16 @@ def test_source_validation(tmp_path):
     with pytest.raises(ValueError, match="weight must be > 0"):
         Source(shards="x", scenario="toy", weight=0)
     with pytest.raises(FileNotFoundError, match="no shards match"):
-        MixedBatches([Source(shards=str(tmp_path / "none*.tar"), scenario="toy")], {"toy": Toy()}, encode, collate, 2)
+        MixedBatches(
+            [Source(shards=str(tmp_path / "none*.tar"), scenario="toy")], {"toy": Toy()}, encode, collate, 2
+        )
 
 
 def test_a_source_that_only_skips_fails_loudly(tmp_path):
     write_shards(tmp_path / "a", "a", 5, 5, corrupt=set(range(5)))
-    ds = MixedBatches([Source(shards=str(tmp_path / "a" / "*.tar"), scenario="toy")], {"toy": Toy()}, encode, collate, 2)
+    ds = MixedBatches(
+        [Source(shards=str(tmp_path / "a" / "*.tar"), scenario="toy")], {"toy": Toy()}, encode, collate, 2
+    )
     ds.max_consecutive_skips = 50
     with pytest.raises(RuntimeError, match=r"50 samples in a row were skipped .*toy/corrupt_media"):
         next(iter(ds))
@@ -138,4 +145,6 @@ def test_tiny_shard_fallback_resumes_exactly(tmp_path):
         state = batches[cut]["_data_state"]
         ds.resume = {"consumed": cut + 1, "slots": {str(state["slot"]): state["state"]}}
         it = iter(ds)
-        assert [next(it)["keys"] for _ in range(len(batches) - cut - 1)] == [b["keys"] for b in batches[cut + 1 :]]
+        assert [next(it)["keys"] for _ in range(len(batches) - cut - 1)] == [
+            b["keys"] for b in batches[cut + 1 :]
+        ]

@@ -18,8 +18,13 @@ def _sample(n_images, n_text, seed):
     ids = torch.cat([*pieces, answer]) if pieces else answer
     lab = torch.full_like(ids, IGNORE_INDEX)
     lab[-n_text:] = answer
-    return {"input_ids": ids, "labels": lab, "pixel_values": torch.randn(n_images, 3, 28, 28, generator=g),
-            "image_pooling": torch.zeros(n_images, dtype=torch.bool), "key": str(seed)}
+    return {
+        "input_ids": ids,
+        "labels": lab,
+        "pixel_values": torch.randn(n_images, 3, 28, 28, generator=g),
+        "image_pooling": torch.zeros(n_images, dtype=torch.bool),
+        "key": str(seed),
+    }
 
 
 def test_first_fit_never_exceeds_budget():
@@ -36,7 +41,12 @@ def test_packed_logits_and_loss_equal_unpacked(tmp_path):
     assert len(rows) < len(samples)  # something was actually packed
     batch = packed_collate(samples, pad_id=0, rows=rows)
     with torch.no_grad():
-        packed = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"], position_ids=batch["position_ids"])
+        packed = model(
+            batch["input_ids"],
+            batch["pixel_values"],
+            labels=batch["labels"],
+            position_ids=batch["position_ids"],
+        )
         total_loss, total_tokens = 0.0, 0
         order = [i for row in rows for i in row]
         for r, row in enumerate(rows):
@@ -44,8 +54,14 @@ def test_packed_logits_and_loss_equal_unpacked(tmp_path):
             for i in row:
                 s = samples[i]
                 n = s["input_ids"].shape[0]
-                alone = model(s["input_ids"][None], s["pixel_values"] if len(s["pixel_values"]) else None, labels=s["labels"][None])
-                torch.testing.assert_close(packed.logits[r, col : col + n], alone.logits[0], atol=1e-5, rtol=0)
+                alone = model(
+                    s["input_ids"][None],
+                    s["pixel_values"] if len(s["pixel_values"]) else None,
+                    labels=s["labels"][None],
+                )
+                torch.testing.assert_close(
+                    packed.logits[r, col : col + n], alone.logits[0], atol=1e-5, rtol=0
+                )
                 k = int((s["labels"][1:] != IGNORE_INDEX).sum())
                 total_loss += alone.loss.item() * k
                 total_tokens += k

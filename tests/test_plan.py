@@ -47,15 +47,18 @@ def hand_counts(llm: str) -> dict[str, int]:
     post_layernorm = 2 * vh
     vision_total = v["L"] * vision_layer + vision_embed + post_layernorm
     projector = (vh * h + h) + (h * h + h)
+    # Untied embeddings and LM head are FSDP2 units of their own; tied ones stay at the root.
+    separate = 0 if q["tied"] else embed + lm_head
     return {
         "vision": vision_total,
         "projector": projector,
         "llm": llm_total,
         "total": vision_total + projector + llm_total,
         "trainable": projector + llm_total,  # vision frozen (the paper's recipe)
-        "root": vision_embed + post_layernorm + projector + embed + h + lm_head,
-        "root_trainable": projector + embed + h + lm_head,
-        "largest_layer": max(decoder_layer, vision_layer),
+        "root": vision_embed + post_layernorm + projector + embed + h + lm_head - separate,
+        "root_trainable": projector + embed + h + lm_head - separate,
+        "largest_layer": max(decoder_layer, vision_layer, 0 if q["tied"] else embed),
+        "extra_units": 0 if q["tied"] else 2,
         "positions": positions,
     }
 
@@ -88,7 +91,7 @@ def test_real_size_plan_matches_hand_computation(llm, nodes, gpus):
     assert got.trainable_params == c["trainable"]
     assert got.root_params == c["root"]
     assert got.largest_unit == c["largest_layer"]
-    assert got.num_units == q["L"] + SIGLIP["L"]
+    assert got.num_units == q["L"] + SIGLIP["L"] + c["extra_units"]
 
     n = nodes * gpus
     P, T = c["total"], c["trainable"]

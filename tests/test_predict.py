@@ -25,9 +25,15 @@ def test_predict_writes_answers_and_reports_bad_prompts(tmp_path):
     cfg = tiny_config(data, tmp_path / "run")
     build_cli(
         [
-            "predict", "--config", str(write_config(cfg, tmp_path / "c.yaml")),
-            "--data.predict", str(prompts), "--data.predict_media_root", str(data / "raw" / "media"),
-            "--data.predict_output", str(out),
+            "predict",
+            "--config",
+            str(write_config(cfg, tmp_path / "c.yaml")),
+            "--data.predict",
+            str(prompts),
+            "--data.predict_media_root",
+            str(data / "raw" / "media"),
+            "--data.predict_output",
+            str(out),
         ]
     )
     answers = [json.loads(line) for line in out.read_text().splitlines()]

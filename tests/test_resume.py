@@ -12,18 +12,22 @@ from train_helpers import tiny_config, write_config
 TESTS = Path(__file__).resolve().parent
 
 
-
-
 def _fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return subprocess.run(
         [sys.executable, "-m", "mmscene.cli", "fit", "--config", str(config), *extra],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
 def _callbacks(record: Path, *more: dict) -> list[dict]:
-    weights = {"class_path": "train_helpers.SaveWeights", "init_args": {"path": str(record.with_suffix(".pt"))}}
+    weights = {
+        "class_path": "train_helpers.SaveWeights",
+        "init_args": {"path": str(record.with_suffix(".pt"))},
+    }
     return [{"class_path": "train_helpers.RecordBatches", "init_args": {"path": str(record)}}, weights, *more]
 
 
@@ -45,8 +49,10 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data):
     killed = tiny_config(demo_data, tmp_path / "killed", max_steps=total)
     killed["trainer"]["callbacks"] = _callbacks(
         tmp_path / "killed.jsonl",
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": k, "save_top_k": -1}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": k, "save_top_k": -1},
+        },
         {"class_path": "train_helpers.KillAt", "init_args": {"step": k + 1}},
     )
     died = _fit(write_config(killed, tmp_path / "killed.yaml"))

@@ -16,7 +16,13 @@ def tiny_config(data: Path, root: Path, **trainer) -> dict:
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     text = cfg["model"]["model"]["config"]["text"]
     vision = cfg["model"]["model"]["config"]["vision"]
-    text.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    text.update(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     d = cfg["data"]
     d["tokenizer"] = str(data / "tokenizer")
@@ -29,9 +35,18 @@ def tiny_config(data: Path, root: Path, **trainer) -> dict:
     t = cfg["trainer"]
     # tests run without progress bars
     t["callbacks"] = [c for c in t.get("callbacks", []) if "ProgressBar" not in c["class_path"]]
-    t.update(max_steps=8, val_check_interval=None, limit_val_batches=0, enable_progress_bar=False, log_every_n_steps=1)
+    t.update(
+        max_steps=8,
+        val_check_interval=None,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+    )
     t["default_root_dir"] = str(root)
-    t["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "logs"}}
+    t["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(root), "name": "logs"},
+    }
     t.update(trainer)
     return cfg
 
@@ -49,7 +64,9 @@ class RecordBatches(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "keys": [m["key"] for m in batch["meta"]]}) + "\n")
+            f.write(
+                json.dumps({"step": trainer.global_step, "keys": [m["key"] for m in batch["meta"]]}) + "\n"
+            )
 
 
 class KillAt(L.Callback):

@@ -271,7 +271,13 @@ class _Generator:
     """Samples of one (split, scenario): question plan, media files and the annotation record."""
 
     def __init__(
-        self, rng: random.Random, media_root: Path, subdir: str, px: int, num_frames: int, option_order: str = "fixed"
+        self,
+        rng: random.Random,
+        media_root: Path,
+        subdir: str,
+        px: int,
+        num_frames: int,
+        option_order: str = "fixed",
     ):
         self.option_order = option_order
         self.rng = rng

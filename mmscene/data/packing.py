@@ -24,7 +24,9 @@ def first_fit(lengths: list[int], max_tokens: int) -> list[list[int]]:
     room: list[int] = []
     for i, n in enumerate(lengths):
         if n > max_tokens:
-            raise ValueError(f"sample {i} has {n} tokens, more than max_tokens={max_tokens}; raise it or max_length")
+            raise ValueError(
+                f"sample {i} has {n} tokens, more than max_tokens={max_tokens}; raise it or max_length"
+            )
         for r, free in enumerate(room):
             if n <= free:
                 rows[r].append(i)
@@ -36,7 +38,9 @@ def first_fit(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return rows
 
 
-def packed_collate(samples: list[dict[str, Any]], pad_id: int, rows: list[list[int]] | None = None) -> dict[str, Any]:
+def packed_collate(
+    samples: list[dict[str, Any]], pad_id: int, rows: list[list[int]] | None = None
+) -> dict[str, Any]:
     """One batch of packed rows; ``rows`` lists sample indices per row (default: all in one row).
 
     Images follow the order of their placeholders across rows, as the core expects.

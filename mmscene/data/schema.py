@@ -65,7 +65,9 @@ def validate_record(record: Any) -> None:
     """Raise :class:`SkipSample` (reason ``bad_record``) naming the first problem found."""
 
     def bad(msg: str) -> SkipSample:
-        return SkipSample("bad_record", f"{record.get('id', '?') if isinstance(record, dict) else '?'}: {msg}")
+        return SkipSample(
+            "bad_record", f"{record.get('id', '?') if isinstance(record, dict) else '?'}: {msg}"
+        )
 
     if not isinstance(record, dict):
         raise SkipSample("bad_record", "sample json is not an object")
@@ -84,13 +86,21 @@ def validate_record(record: Any) -> None:
     if not isinstance(turns, list) or len(turns) < 2:
         raise bad("conversations needs at least one user and one assistant turn")
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+        if (
+            not isinstance(turn, dict)
+            or turn.get("role") not in ROLES
+            or not isinstance(turn.get("content"), str)
+        ):
             raise bad(f"conversations[{i}] must be {{'role': {ROLES}, 'content': str}}")
     media = record["media"]
     if not isinstance(media, list):
         raise bad("media must be a list")
     for i, item in enumerate(media):
-        if not isinstance(item, dict) or not isinstance(item.get("member"), str) or item.get("type") not in MEDIA_TYPES:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("member"), str)
+            or item.get("type") not in MEDIA_TYPES
+        ):
             raise bad(f"media[{i}] must be {{'member': str, 'type': {MEDIA_TYPES}}}")
 
 

@@ -56,7 +56,14 @@ class ShardStream:
     """An endless iterator of raw samples (``{"__key__", "json", "<ext>": bytes}``) for one slice."""
 
     def __init__(
-        self, shards: list[str], slice_id: int, n_slices: int, seed: int, name: str, skips=None, shuffle: bool = True
+        self,
+        shards: list[str],
+        slice_id: int,
+        n_slices: int,
+        seed: int,
+        name: str,
+        skips=None,
+        shuffle: bool = True,
     ):
         if not shards:
             raise ValueError(f"source {name!r} has no shards")

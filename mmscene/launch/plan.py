@@ -397,7 +397,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"{part:<12}{row['total']:>16,}{row['trainable']:>16,}")
     lines.append(f"frozen: {', '.join(p.freeze) or 'nothing'}")
     lines.append(
-        f"FSDP2 units: {p.num_units} layers (largest {p.largest_unit:,} params) + root ({p.root_params:,} params)"
+        f"FSDP2 units: {p.num_units} (largest {p.largest_unit:,} params) + root ({p.root_params:,} params)"
     )
     lines.append("")
     group = (

@@ -93,7 +93,9 @@ def _raw_config(folder: Path) -> tuple[dict[str, Any], str]:
     return raw, detect_format(raw)
 
 
-def _config(fmt: str, raw: dict[str, Any], state, folder: Path, overrides: dict[str, Any]) -> MultimodalConfig:
+def _config(
+    fmt: str, raw: dict[str, Any], state, folder: Path, overrides: dict[str, Any]
+) -> MultimodalConfig:
     if fmt == "mmscene":
         return MultimodalConfig.from_dict({**raw, **overrides})
     if fmt == "llava-hf":

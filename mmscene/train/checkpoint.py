@@ -23,8 +23,16 @@ def _read_sharded(folder: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(str(folder)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    _load_state_dict(
+        state,
+        storage_reader=FileSystemReader(str(folder)),
+        planner=_EmptyStateDictLoadPlanner(),
+        no_dist=True,
+    )
     meta_file = folder / "meta.pt"
     meta = torch.load(str(meta_file), map_location="cpu", weights_only=True) if meta_file.is_file() else {}
     model_state = state.get("model", state.get("state_dict", {}))
-    return {**meta, "state_dict": {f"model.{k}" if not k.startswith("model.") else k: v for k, v in model_state.items()}}
+    return {
+        **meta,
+        "state_dict": {f"model.{k}" if not k.startswith("model.") else k: v for k, v in model_state.items()},
+    }

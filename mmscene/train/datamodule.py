@@ -30,7 +30,9 @@ def _sources(specs: list[dict[str, Any]] | None, what: str) -> list[Source]:
             raise ValueError(f"data.{what}[{i}] must be a mapping with shards / scenario / weight")
         unknown = sorted(set(spec) - {"shards", "scenario", "weight", "name"})
         if unknown:
-            raise ValueError(f"data.{what}[{i}]: unknown keys {unknown} (allowed: shards, scenario, weight, name)")
+            raise ValueError(
+                f"data.{what}[{i}]: unknown keys {unknown} (allowed: shards, scenario, weight, name)"
+            )
         if "shards" not in spec or "scenario" not in spec:
             raise ValueError(f"data.{what}[{i}] needs 'shards' and 'scenario'")
         out.append(Source(**spec))
@@ -83,7 +85,11 @@ class MMSceneDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()  # the tokenizer path travels with checkpoints (export, predict)
-        self.predict, self.predict_media_root, self.predict_output = predict, predict_media_root, predict_output
+        self.predict, self.predict_media_root, self.predict_output = (
+            predict,
+            predict_media_root,
+            predict_output,
+        )
         self.tokens = parse_batching(batching)
         if self.tokens is not None and max_length is not None and max_length > self.tokens.row_capacity:
             # Longer samples could never be batched; the mixer would skip them (counted) one by one.
@@ -93,7 +99,11 @@ class MMSceneDataModule(L.LightningDataModule):
             )
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
-        self.sources = {"train": _sources(train, "train"), "val": _sources(val, "val"), "test": _sources(test, "test")}
+        self.sources = {
+            "train": _sources(train, "train"),
+            "val": _sources(val, "val"),
+            "test": _sources(test, "test"),
+        }
         for stage, sources in self.sources.items():
             if sources:
                 try:
@@ -125,13 +135,19 @@ class MMSceneDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         geometry = module.geometry(self.pad_to_square)
         token_id = self.tokenizer.convert_tokens_to_ids("<image>")
-        if token_id is not None and token_id != self.tokenizer.unk_token_id and token_id != geometry.image_token_id:
+        if (
+            token_id is not None
+            and token_id != self.tokenizer.unk_token_id
+            and token_id != geometry.image_token_id
+        ):
             raise ValueError(
                 f"the tokenizer's <image> id is {token_id} but the model's image_token_id is {geometry.image_token_id}"
             )
         vocab = module.model_config.text_config.vocab_size
         if len(self.tokenizer) > vocab:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the LLM vocabulary only {vocab}")
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the LLM vocabulary only {vocab}"
+            )
         self.encoder = PromptEncoder(
             self.tokenizer, geometry, self.system_prompt, max_length=self.max_length, overflow=self.overflow
         )
@@ -143,12 +159,16 @@ class MMSceneDataModule(L.LightningDataModule):
         from mmscene.data.prompts import prompts_to_shards
 
         if not self.predict:
-            raise ValueError("mmscene predict needs --data.predict PROMPTS.jsonl (and --data.predict_media_root DIR)")
+            raise ValueError(
+                "mmscene predict needs --data.predict PROMPTS.jsonl (and --data.predict_media_root DIR)"
+            )
         out = Path(self.trainer.default_root_dir) / "predict_shards"
         if self.trainer.is_global_zero:
             report = prompts_to_shards(self.predict, self.predict_media_root or ".", out)
             if report["skipped"]:
-                log.warning("prompts rejected: %s (see %s)", report["skipped"], out / "shards" / "rejected.jsonl")
+                log.warning(
+                    "prompts rejected: %s (see %s)", report["skipped"], out / "shards" / "rejected.jsonl"
+                )
         self.trainer.strategy.barrier()
         shards = out / "shards"
         found = sorted(p.name for p in shards.iterdir() if p.is_dir() and any(p.glob("*.tar")))
@@ -201,7 +221,9 @@ class MMSceneDataModule(L.LightningDataModule):
         if not self.sources[stage]:
             return []
         rank, world = self._rank()
-        dataset = EvalSamples(self.sources[stage], self.scenarios, self.encoder.encode_for_generation, rank, world)
+        dataset = EvalSamples(
+            self.sources[stage], self.scenarios, self.encoder.encode_for_generation, rank, world
+        )
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,

@@ -17,12 +17,15 @@ from mmscene.registry import get_scenario
 
 
 class Scoreboard:
-    def __init__(self, tasks: list[tuple[str, str, str]], scenarios: dict[str, Any] | None = None, device=None):
+    def __init__(
+        self, tasks: list[tuple[str, str, str]], scenarios: dict[str, Any] | None = None, device=None
+    ):
         self.metrics: dict[tuple[str, str, str], dict[str, Any]] = {}
         for scenario, task, qtype in tasks:
             plugin = (scenarios or {}).get(scenario) or get_scenario(scenario)
             self.metrics[(scenario, task, qtype)] = {
-                name: m.to(device) if device is not None else m for name, m in plugin.metrics(task, qtype).items()
+                name: m.to(device) if device is not None else m
+                for name, m in plugin.metrics(task, qtype).items()
             }
         self.predictions: list[dict[str, Any]] = []
 
@@ -36,7 +39,13 @@ class Scoreboard:
             options = [m.get("options")]
             for metric in self.metrics[key].values():
                 metric.update([answer], [m["answer"]], options)
-            self.predictions.append({**{k: m[k] for k in ("key", "scenario", "task")}, "prediction": answer, "answer": m["answer"]})
+            self.predictions.append(
+                {
+                    **{k: m[k] for k in ("key", "scenario", "task")},
+                    "prediction": answer,
+                    "answer": m["answer"],
+                }
+            )
 
     def compute(self, trainer=None) -> tuple[dict[str, float], list[dict[str, Any]]]:
         results: dict[str, float] = {}

@@ -57,6 +57,8 @@ def _mesh(module, hybrid: bool):
     trainer = module.trainer
     nodes, per_node = trainer.num_nodes, trainer.num_devices
     if nodes * per_node != mesh.size():
-        raise ValueError(f"hybrid sharding needs num_nodes x devices = {nodes} x {per_node} = data-parallel size {mesh.size()}")
+        raise ValueError(
+            f"hybrid sharding needs num_nodes x devices = {nodes} x {per_node} = data-parallel size {mesh.size()}"
+        )
     # Shard within a node, replicate across nodes (HSDP).
     return init_device_mesh(mesh.device_type, (nodes, per_node), mesh_dim_names=("replicate", "shard"))
