@@ -124,6 +124,39 @@ class Scenario:
         validate_record(record)
         return record
 
+    def example(self, sample: dict[str, Any], record: dict[str, Any], **media: Any) -> Example:
+        """An :class:`Example` of this scenario from a validated record and its decoded media."""
+        return Example(
+            key=sample.get("__key__", record["id"]),
+            scenario=self.name,
+            task=record["task"],
+            conversation=[{"role": t["role"], "content": t["content"]} for t in record["conversations"]],
+            question_type=record["question_type"],
+            record=record,
+            **media,
+        )
+
+    def prompt(
+        self,
+        example: Example,
+        conversation: list[dict[str, str]],
+        images: list[Image.Image],
+        pooled: list[bool],
+        meta: dict[str, Any] | None = None,
+    ) -> Prompt:
+        """A :class:`Prompt` of this scenario; the answer is the conversation's last assistant turn."""
+        return Prompt(
+            key=example.key,
+            scenario=self.name,
+            task=example.task,
+            conversation=conversation,
+            images=list(images),
+            pooled=pooled,
+            question_type=example.question_type,
+            answer=self.answer_of(conversation),
+            meta=meta or {},
+        )
+
     @staticmethod
     def answer_of(conversation: list[dict[str, str]]) -> str:
         for turn in reversed(conversation):

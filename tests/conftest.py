@@ -20,3 +20,16 @@ def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     make_demo(out, n_train_per_scenario=16, n_val_per_scenario=4, progress=False)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _keep_mmscene_log_handlers():
+    """``mmscene.cli.main`` adds a stderr handler once per process; one bound to a finished
+    test's captured stream would raise logging errors in later tests."""
+    import logging
+
+    logger = logging.getLogger("mmscene")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)

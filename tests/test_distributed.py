@@ -87,28 +87,9 @@ def test_fsdp2_two_rank_exact_resume(tmp_path, demo_data):
 
 def test_export_hf_from_sharded_fsdp2_checkpoint(tmp_path, demo_data):
     """A sharded (distributed) checkpoint consolidates and exports to a transformers Llava."""
-    from transformers import LlavaForConditionalGeneration
-
-    from mmscene.export import load_module_from_checkpoint
+    from train_helpers import export_hf_and_compare
 
     done = _run(tmp_path / "run", "fsdp2", 2, 6, demo_data, "stream", "-", "3")
     assert done.returncode != 0  # killed at step 3, after the step-2 checkpoint
     ckpt = next((tmp_path / "run" / "ckpts").glob("*step=2*"))
-    out = tmp_path / "hf"
-    result = subprocess.run(
-        [sys.executable, "-m", "mmscene.cli", "export", "hf", "--checkpoint", str(ckpt), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    module, _ = load_module_from_checkpoint(ckpt)
-    ours = module.model.eval()
-    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
-    n = ours.tokens_per_image()
-    ids = torch.tensor([[5, 6] + [hf.config.image_token_index] * n + [7, 8]])
-    pixels = torch.randn(1, 3, ours.image_size, ours.image_size)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            hf(input_ids=ids, pixel_values=pixels).logits, ours(ids, pixels).logits, atol=1e-5, rtol=0
-        )
+    export_hf_and_compare(ckpt, tmp_path / "hf")

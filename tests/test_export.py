@@ -1,14 +1,9 @@
 """``mmscene export hf``: a training checkpoint becomes a directory transformers loads as Llava."""
 
-import subprocess
-import sys
-
-import torch
-from train_helpers import tiny_config, write_config
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from train_helpers import export_hf_and_compare, tiny_config, write_config
+from transformers import AutoProcessor
 
 from mmscene.data.demo import make_demo
-from mmscene.export import load_module_from_checkpoint
 from mmscene.train.cli import build_cli
 
 
@@ -25,24 +20,6 @@ def test_export_training_checkpoint_to_llava_hf(tmp_path):
     build_cli(["fit", "--config", str(write_config(cfg, tmp_path / "c.yaml"))])
     ckpt = tmp_path / "ck" / "last.ckpt"
 
-    out = tmp_path / "hf"
-    result = subprocess.run(
-        [sys.executable, "-m", "mmscene.cli", "export", "hf", "--checkpoint", str(ckpt), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-
-    module, _ = load_module_from_checkpoint(ckpt)
-    ours = module.model.eval()
-    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
-    processor = AutoProcessor.from_pretrained(out)
+    hf = export_hf_and_compare(ckpt, tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == hf.config.image_token_index
-    n = ours.tokens_per_image()
-    ids = torch.tensor([[5, 6, 7] + [hf.config.image_token_index] * n + [8, 9, 10]])
-    pixels = torch.randn(1, 3, ours.image_size, ours.image_size)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            hf(input_ids=ids, pixel_values=pixels).logits, ours(ids, pixels).logits, atol=1e-5, rtol=0
-        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 
 import pytest
@@ -19,17 +18,6 @@ QWEN = {
     "qwen1.5-7b-chat": dict(h=4096, i=11008, L=32, a=32, kv_heads=32, V=151936, tied=False),
 }
 SIGLIP = dict(h=1152, i=4304, L=26, patch=14, image=384, channels=3)
-
-
-@pytest.fixture(autouse=True)
-def _keep_mmscene_log_handlers():
-    """``mmscene.cli.main`` adds a stderr handler per call; one bound to a finished test's captured
-    stream would raise logging errors in later tests."""
-    logger = logging.getLogger("mmscene")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
 
 
 def hand_counts(llm: str) -> dict[str, int]:

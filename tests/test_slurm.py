@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import logging
 import os
 import re
 import shlex
@@ -27,17 +26,6 @@ from mmscene.launch.requeue import SlurmRequeue
 from mmscene.launch.slurm import CALLBACK, SlurmJob
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _keep_mmscene_log_handlers():
-    """``mmscene.cli.main`` adds a stderr handler per call; one bound to a finished test's captured
-    stream would raise logging errors in later tests."""
-    logger = logging.getLogger("mmscene")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
 
 
 # ---------------------------------------------------------------- the script (no SLURM needed)

@@ -90,3 +90,34 @@ class SaveWeights(L.Callback):
         import torch
 
         torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()}, self.path)
+
+
+def export_hf_and_compare(ckpt: Path, out: Path):
+    """Runs ``mmscene export hf`` on a training checkpoint and checks that transformers' Llava,
+    loaded from the export, gives the trained core's logits (1e-5) on an image-text input.
+    Returns the transformers model."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from mmscene.export import load_module_from_checkpoint
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mmscene.cli", "export", "hf", "--checkpoint", str(ckpt), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, _ = load_module_from_checkpoint(ckpt)
+    ours = module.model.eval()
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 6, 7] + [hf.config.image_token_index] * ours.tokens_per_image() + [8, 9, 10]])
+    pixels = torch.randn(1, 3, ours.image_size, ours.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(input_ids=ids, pixel_values=pixels).logits, ours(ids, pixels).logits, atol=1e-5, rtol=0
+        )
+    return hf

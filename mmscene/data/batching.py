@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mmscene.data.collate import pad_collate
-from mmscene.data.packing import packed_collate
+from mmscene.data.packing import first_fit, packed_collate
 
 BATCHING_KEYS = ("mode", "max_tokens", "lookahead", "pack", "row_tokens")
 
@@ -78,22 +78,10 @@ class TokenBudget:
         return self._pack(lengths) if self.pack else self._group(lengths)
 
     def _pack(self, lengths: list[int]) -> list[list[int]]:
-        cap = self.row_capacity
-        rows: list[list[int]] = [[0]]
-        room = [cap - lengths[0]]
-        # Longest first (ties: oldest first) so that large samples find room while rows are empty.
-        for i in sorted(range(1, len(lengths)), key=lambda i: (-lengths[i], i)):
-            n = lengths[i]
-            for r, free in enumerate(room):
-                if n <= free:
-                    rows[r].append(i)
-                    room[r] -= n
-                    break
-            else:
-                if len(rows) < self.rows:
-                    rows.append([i])
-                    room.append(cap - n)
-        return rows
+        # The oldest sample first (it must go), then longest first (ties: oldest first) so that
+        # large samples find room while rows are empty.
+        order = [0, *sorted(range(1, len(lengths)), key=lambda i: (-lengths[i], i))]
+        return first_fit(lengths, self.row_capacity, order=order, max_rows=self.rows)
 
     def _group(self, lengths: list[int]) -> list[list[int]]:
         # For each candidate longest L, the best batch takes the oldest sample plus the longest

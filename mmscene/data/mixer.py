@@ -299,7 +299,8 @@ class EvalSamples(IterableDataset):
         self.scenarios = scenarios
         self.encode = encode
         self.rank, self.world_size = rank, world_size
-        self.total = sum(len(count_samples(self.shards[s.name])) for s in sources)
+        self.counts = {s.name: len(count_samples(self.shards[s.name])) for s in sources}
+        self.total = sum(self.counts.values())
         self.per_rank = -(-self.total // world_size)
         self.skips = SkipCounter()
 
@@ -317,8 +318,7 @@ class EvalSamples(IterableDataset):
         for source in self.sources:
             stream = ShardStream(self.shards[source.name], 0, 1, 0, source.name, self.skips, shuffle=False)
             it = iter(stream)
-            n = len(count_samples(self.shards[source.name]))
-            for _ in range(n):
+            for _ in range(self.counts[source.name]):
                 raw = next(it)
                 mine = index % self.world_size == self.rank
                 index += 1

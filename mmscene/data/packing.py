@@ -18,11 +18,16 @@ from mmscene.data.collate import META_KEYS, _cat_images
 from mmscene.model.core import IGNORE_INDEX
 
 
-def first_fit(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into rows, each summing to at most ``max_tokens`` (first fit, in order)."""
+def first_fit(
+    lengths: list[int], max_tokens: int, order: list[int] | None = None, max_rows: int | None = None
+) -> list[list[int]]:
+    """Indices grouped into rows, each summing to at most ``max_tokens``: each index, taken in
+    ``order`` (default: as given), joins the first row with room, else opens a new row while
+    fewer than ``max_rows`` exist (indices that fit nowhere are left out)."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for i, n in enumerate(lengths):
+    for i in range(len(lengths)) if order is None else order:
+        n = lengths[i]
         if n > max_tokens:
             raise ValueError(
                 f"sample {i} has {n} tokens, more than max_tokens={max_tokens}; raise it or max_length"
@@ -33,8 +38,9 @@ def first_fit(lengths: list[int], max_tokens: int) -> list[list[int]]:
                 room[r] -= n
                 break
         else:
-            rows.append([i])
-            room.append(max_tokens - n)
+            if max_rows is None or len(rows) < max_rows:
+                rows.append([i])
+                room.append(max_tokens - n)
     return rows
 
 

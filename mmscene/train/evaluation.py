@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from mmscene.registry import get_scenario
@@ -72,7 +71,3 @@ class Scoreboard:
         everything: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everything, rows)
         return [row for part in everything for row in part]
-
-
-def as_float(value: Any) -> float:
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)

@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.core import MultimodalLM
@@ -249,7 +248,3 @@ def build_model(spec: dict[str, Any], config: MultimodalConfig) -> MultimodalLM:
         return MultimodalLM.from_pretrained(spec["pretrained"], **spec.get("overrides", {}))
     comp = dict(spec["components"])
     return MultimodalLM.from_components(comp.pop("vision"), comp.pop("llm"), **comp)
-
-
-def trainable_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

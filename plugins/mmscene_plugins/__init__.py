@@ -27,7 +27,6 @@ from mmscene.scenario import IMAGE_PLACEHOLDER, SkipSample
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
-    "copy_conversation",
     "count_placeholders",
     "expand_placeholder",
     "first_user_turn",
@@ -58,11 +57,6 @@ def media_items(record: dict[str, Any], scenario: str, allowed: tuple[str, ...])
             "wrong_media", f"{record['id']}: scenario {scenario} cannot use media of type {wrong}"
         )
     return items
-
-
-def copy_conversation(record: dict[str, Any]) -> list[dict[str, str]]:
-    # fresh dicts: formatters edit turns and must not touch the record a cached Example holds
-    return [{"role": t["role"], "content": t["content"]} for t in record["conversations"]]
 
 
 def count_placeholders(conversation: list[dict[str, str]]) -> int:

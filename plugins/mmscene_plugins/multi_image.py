@@ -8,7 +8,6 @@ from typing import Any
 from mmscene.data.media import decode_image
 from mmscene.scenario import Example, Prompt, Scenario, SkipSample
 from mmscene_plugins import (
-    copy_conversation,
     count_placeholders,
     image_block,
     media_bytes,
@@ -53,15 +52,7 @@ class MultiImageScenario(Scenario):
         if not items:
             raise SkipSample("wrong_media", f"{record['id']}: multi_image record lists no images")
         images = [decode_image(media_bytes(sample, m["member"]), max_pixels=self.max_pixels) for m in items]
-        return Example(
-            key=sample.get("__key__", record["id"]),
-            scenario=self.name,
-            task=record["task"],
-            conversation=copy_conversation(record),
-            images=images,
-            question_type=record["question_type"],
-            record=record,
-        )
+        return self.example(sample, record, images=images)
 
     def format(self, example: Example, rng: random.Random) -> Prompt:
         conversation = [dict(t) for t in example.conversation]
@@ -78,14 +69,10 @@ class MultiImageScenario(Scenario):
             conversation = move_placeholders_front(conversation)
         elif front:
             conversation = prepend_to_first_user_turn(conversation, image_block([""] * len(example.images)))
-        return Prompt(
-            key=example.key,
-            scenario=self.name,
-            task=example.task,
-            conversation=conversation,
-            images=list(example.images),
-            pooled=[False] * len(example.images),
-            question_type=example.question_type,
-            answer=self.answer_of(conversation),
-            meta={"placement": "front" if front else "interleaved"},
+        return self.prompt(
+            example,
+            conversation,
+            example.images,
+            [False] * len(example.images),
+            {"placement": "front" if front else "interleaved"},
         )

@@ -9,7 +9,6 @@ from mmscene.data.media import decode_image, load_mesh, uniform_indices
 from mmscene.data.render import camera_distance, orbit_poses, render_views
 from mmscene.scenario import IMAGE_PLACEHOLDER, Example, Prompt, Scenario, SkipSample
 from mmscene_plugins import (
-    copy_conversation,
     count_placeholders,
     expand_placeholder,
     media_bytes,
@@ -89,15 +88,7 @@ class Scene3DScenario(Scenario):
                 decode_image(media_bytes(sample, items[i]["member"]), max_pixels=self.max_pixels)
                 for i in uniform_indices(len(items), self.num_views)
             ]
-        return Example(
-            key=sample.get("__key__", record["id"]),
-            scenario=self.name,
-            task=record["task"],
-            conversation=copy_conversation(record),
-            images=images,
-            question_type=record["question_type"],
-            record=record,
-        )
+        return self.example(sample, record, images=images)
 
     def _up(self, record: dict[str, Any]) -> str:
         up = (record.get("metadata") or {}).get("up_axis", self.up_axis)
@@ -147,20 +138,10 @@ class Scene3DScenario(Scenario):
             meta["poses"] = [p.tolist() for p in poses]
         elif isinstance(record.get("poses"), list) and len(record["poses"]) == len(items):
             meta["poses"] = [record["poses"][i] for i in kept]
-        return Prompt(
-            key=example.key,
-            scenario=self.name,
-            task=example.task,
-            conversation=conversation,
-            images=list(example.images),
-            pooled=[False] * n_views,
-            question_type=example.question_type,
-            answer=self.answer_of(conversation),
-            meta=meta,
-        )
+        return self.prompt(example, conversation, example.images, [False] * n_views, meta)
 
     def metrics(self, task: str, question_type: str) -> dict[str, Any]:
-        """Captioning metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr as ScanQA reports) for open answers."""
+        """Captioning metrics (BLEU-1..4, ROUGE-L, CIDEr of the ScanQA set; no METEOR) for open answers."""
         from mmscene.metrics import caption_metrics, default_metrics
 
         if question_type == "open-ended":

@@ -8,7 +8,6 @@ from typing import Any
 from mmscene.data.media import decode_image
 from mmscene.scenario import IMAGE_PLACEHOLDER, Example, Prompt, Scenario, SkipSample
 from mmscene_plugins import (
-    copy_conversation,
     count_placeholders,
     media_bytes,
     media_items,
@@ -38,27 +37,11 @@ class SingleImageScenario(Scenario):
                 "wrong_media", f"{record['id']}: single_image needs one image, record has {len(items)}"
             )
         image = decode_image(media_bytes(sample, items[0]["member"]), max_pixels=self.max_pixels)
-        return Example(
-            key=sample.get("__key__", record["id"]),
-            scenario=self.name,
-            task=record["task"],
-            conversation=copy_conversation(record),
-            images=[image],
-            question_type=record["question_type"],
-            record=record,
-        )
+        return self.example(sample, record, images=[image])
 
     def format(self, example: Example, rng: random.Random) -> Prompt:
         conversation = [dict(t) for t in example.conversation]
         if count_placeholders(conversation) == 0:
             conversation = prepend_to_first_user_turn(conversation, IMAGE_PLACEHOLDER)
-        return Prompt(
-            key=example.key,
-            scenario=self.name,
-            task=example.task,
-            conversation=conversation,  # a count other than one makes Prompt skip the sample
-            images=list(example.images),
-            pooled=[False] * len(example.images),
-            question_type=example.question_type,
-            answer=self.answer_of(conversation),
-        )
+        # a count other than one makes Prompt skip the sample
+        return self.prompt(example, conversation, example.images, [False] * len(example.images))

@@ -7,7 +7,7 @@ from typing import Any
 
 from mmscene.data.media import decode_video
 from mmscene.scenario import Example, Prompt, Scenario, SkipSample
-from mmscene_plugins import copy_conversation, expand_placeholder, media_bytes, media_items
+from mmscene_plugins import expand_placeholder, media_bytes, media_items
 
 FRAME_LABELS = ("none", "index", "time")
 
@@ -57,16 +57,8 @@ class VideoScenario(Scenario):
         frames, times = decode_video(
             media_bytes(sample, items[0]["member"]), self.num_frames, self.fps, max_frames=self.max_frames
         )
-        return Example(
-            key=sample.get("__key__", record["id"]),
-            scenario=self.name,
-            task=record["task"],
-            conversation=copy_conversation(record),
-            frames=frames,
-            frame_times=[round(t, 3) for t in times],  # decord's float32 seconds: 0.31999 -> 0.32
-            question_type=record["question_type"],
-            record=record,
-        )
+        # decord's float32 seconds: 0.31999 -> 0.32
+        return self.example(sample, record, frames=frames, frame_times=[round(t, 3) for t in times])
 
     def labels(self, times: list[float]) -> list[str]:
         if self.frame_labels == "index":
@@ -78,14 +70,10 @@ class VideoScenario(Scenario):
     def format(self, example: Example, rng: random.Random) -> Prompt:
         conversation = [dict(t) for t in example.conversation]
         conversation = expand_placeholder(conversation, self.labels(example.frame_times), what="video")
-        return Prompt(
-            key=example.key,
-            scenario=self.name,
-            task=example.task,
-            conversation=conversation,
-            images=list(example.frames),
-            pooled=[True] * len(example.frames),
-            question_type=example.question_type,
-            answer=self.answer_of(conversation),
-            meta={"frame_times": list(example.frame_times)},
+        return self.prompt(
+            example,
+            conversation,
+            example.frames,
+            [True] * len(example.frames),
+            {"frame_times": list(example.frame_times)},
         )
