@@ -1,22 +1,29 @@
-"""A training run launched by tests/test_distributed.py, once per strategy.
+"""A training run launched by tests/test_distributed.py (one process per run; Lightning starts the ranks).
 
-    python tests/dist_script.py OUT_DIR STRATEGY DEVICES MAX_STEPS DATA_DIR [fixed|stream] [CKPT] [KILL_AT]
+    python tests/dist_script.py --out DIR --strategy single|ddp|fsdp2 --devices N --steps S --data DIR
+        [--mode fixed|stream] [--micro-batch B] [--accumulate A] [--ckpt PATH] [--kill-at K]
+        [--validate] [--no-reshard-after-forward] [--freeze-vision]
 
-``fixed``: a fixed list of encoded demo samples read in order (Lightning inserts a
-DistributedSampler), so 1 rank x batch 8 and 2 ranks x batch 4 see the same global batches.
-``stream``: mmscene's own data module (mixer, resumable state).
+``fixed``: a fixed list of encoded demo samples read in order (a DistributedSampler splits it), so
+any ranks x micro-batch x accumulation with the same product sees the same global batches; the
+samples are ordered so that micro-batches hold unequal numbers of labelled tokens.
+``stream``: mmscene's own data module (mixer, resumable state, validation sources).
+
+Writes ``steps.jsonl`` (per optimizer step: logged train/loss, sample keys, labelled tokens per
+micro-batch and rank), ``grads.pt`` (full gradients of the first step), ``weights.pt`` (final).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 from train_helpers import KillAt, tiny_config
@@ -27,6 +34,7 @@ from mmscene.train.datamodule import MMSceneDataModule, load_tokenizer
 from mmscene.train.module import MMSceneModule
 
 SCENARIOS = ("single_image", "multi_image", "video", "3d")
+GLOBAL_BATCH = 8
 
 
 class FixedSamples(L.LightningDataModule):
@@ -44,9 +52,15 @@ class FixedSamples(L.LightningDataModule):
         encoder = PromptEncoder(tok, module.geometry())
         sources = [Source(shards=str(self.data / "train" / s), scenario=s) for s in SCENARIOS]
         scenarios = {s: get_scenario(s, **self.options.get(s, {})) for s in SCENARIOS}
-        samples = list(EvalSamples(sources, scenarios, encoder.encode))
-        # Equal label counts per sample make the per-rank mean equal the global token mean.
-        self.samples = [s for s in samples if int((s["labels"] != -100).sum()) == 2][:64]
+        samples = list(EvalSamples(sources, scenarios, encoder.encode))[:64]
+        # Demo answers are all one letter; give sample i a longer answer (the i*5 % 23 prompt
+        # tokens before it also labelled) so that micro-batches and ranks hold very different
+        # labelled-token counts, the case a mean of per-micro-batch means gets wrong.
+        for i, s in enumerate(samples):
+            start = int((s["labels"] != -100).nonzero()[0])
+            extra = (i * 5) % 23
+            s["labels"][start - extra : start] = s["input_ids"][start - extra : start]
+        self.samples = samples
         self.pad_id = tok.pad_token_id
 
     def train_dataloader(self):
@@ -62,27 +76,52 @@ class FixedSamples(L.LightningDataModule):
         )
 
 
+def _gather(obj):
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 class Record(L.Callback):
-    """Global mean loss per step and the final full weights (rank 0 writes)."""
+    """Per optimizer step: the logged loss, keys and label counts; first-step gradients; final weights."""
 
     def __init__(self, out: Path):
         self.out = out
+        self.keys: list[str] = []
+        self.labels: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys += [m["key"] for m in batch["meta"]]
+        self.labels.append(int((batch["labels"][:, 1:] != -100).sum()))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step != 0:
+            return
+        grads = {}
+        for name, p in pl_module.model.named_parameters():
+            if p.grad is not None:
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                grads[name] = g.detach().cpu().clone()
+        if trainer.is_global_zero:
+            torch.save(grads, self.out / "grads.pt")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"].detach().clone()
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(loss)
-            loss /= torch.distributed.get_world_size()
-        keys = [m["key"] for m in batch["meta"]]
-        if torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, keys)
-            keys = [k for part in gathered for k in part]
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        keys, labels = _gather(self.keys), _gather(self.labels)
+        self.keys, self.labels = [], []
+        loss = float(trainer.callback_metrics["train/loss"])
         if trainer.is_global_zero:
+            row = {
+                "step": trainer.global_step - 1,
+                "loss": loss,
+                "keys": [k for part in keys for k in part],
+                "labels": labels,
+            }
             with open(self.out / "steps.jsonl", "a") as f:
-                f.write(
-                    json.dumps({"step": trainer.global_step - 1, "loss": loss.item(), "keys": keys}) + "\n"
-                )
+                f.write(json.dumps(row) + "\n")
 
     def on_train_end(self, trainer, pl_module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -94,62 +133,88 @@ class Record(L.Callback):
             torch.save({k: v.clone() for k, v in state.items()}, self.out / "weights.pt")
 
 
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--strategy", choices=["single", "ddp", "fsdp2"], required=True)
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--mode", choices=["fixed", "stream"], default="fixed")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--validate", action="store_true", help="validate (generate) after the last step")
+    p.add_argument("--no-reshard-after-forward", action="store_true")
+    p.add_argument("--freeze-vision", action="store_true")
+    return p.parse_args()
+
+
 def main() -> None:
-    out, strategy, devices, max_steps, data = sys.argv[1:6]
-    mode = sys.argv[6] if len(sys.argv) > 6 else "fixed"
-    ckpt = sys.argv[7] if len(sys.argv) > 7 and sys.argv[7] != "-" else None
-    kill_at = int(sys.argv[8]) if len(sys.argv) > 8 else None
-    out, data, devices = Path(out), Path(data), int(devices)
-    out.mkdir(parents=True, exist_ok=True)
+    args = parse()
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     random.seed(0)
-    cfg = tiny_config(data, out)
+    cfg = tiny_config(args.data, args.out)
     # Untied embeddings: FSDP2 then shards the embedding and LM head as units of their own.
     cfg["model"]["model"]["config"]["text"]["tie_word_embeddings"] = False
-    m = cfg["model"]
-    module = MMSceneModule(model=m["model"], freeze=m["freeze"], lr=m["lr"], warmup_steps=2, max_new_tokens=2)
-    d = cfg["data"]
-    global_batch = 8
-    if mode == "fixed":
-        datamodule = FixedSamples(data, global_batch // devices, d["scenarios"])
+    m, d = cfg["model"], cfg["data"]
+    fsdp = {"reshard_after_forward": not args.no_reshard_after_forward}
+    module = MMSceneModule(
+        model=m["model"],
+        freeze=["vision"] if args.freeze_vision else m["freeze"],
+        lr=m["lr"],
+        warmup_steps=2,
+        max_new_tokens=3,
+        fsdp=fsdp,
+    )
+    micro = GLOBAL_BATCH // (args.devices * args.accumulate)
+    if args.mode == "fixed":
+        datamodule = FixedSamples(args.data, micro, d["scenarios"])
     else:
         datamodule = MMSceneDataModule(
             tokenizer=d["tokenizer"],
             train=d["train"],
+            val=d["val"] if args.validate else None,
             scenarios=d["scenarios"],
-            batch_size=global_batch // devices,
+            batch_size=micro,
+            eval_batch_size=8,
             num_workers=1,
             max_length=d["max_length"],
             seed=0,
         )
-    if strategy == "fsdp2":
-        strat = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
-    elif strategy == "ddp":
-        strat = DDPStrategy(process_group_backend="gloo")
+    if args.strategy == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+    elif args.strategy == "ddp":
+        strategy = DDPStrategy(process_group_backend="gloo")
     else:
-        strat = "auto"
-    callbacks = [Record(out)]
-    if kill_at:
+        strategy = "auto"
+    callbacks = [Record(args.out)]
+    if args.kill_at:
         callbacks.append(
             L.pytorch.callbacks.ModelCheckpoint(
-                dirpath=out / "ckpts", every_n_train_steps=kill_at - 1, save_top_k=-1
+                dirpath=args.out / "ckpts", every_n_train_steps=args.kill_at - 1, save_top_k=-1
             )
         )
-        callbacks.append(KillAt(kill_at))
+        callbacks.append(KillAt(args.kill_at))
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=devices,
-        strategy=strat,
-        max_steps=int(max_steps),
+        devices=args.devices,
+        strategy=strategy,
+        max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate,
         logger=False,
-        enable_checkpointing=bool(kill_at),
+        enable_checkpointing=bool(args.kill_at),
         enable_progress_bar=False,
         callbacks=callbacks,
-        limit_val_batches=0,
-        default_root_dir=str(out),
+        limit_val_batches=None if args.validate else 0,
+        val_check_interval=args.steps * args.accumulate if args.validate else None,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        default_root_dir=str(args.out),
         use_distributed_sampler=False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=args.ckpt)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Two CPU ranks (gloo): DDP and FSDP2 agree with one process; FSDP2 resumes exactly."""
+"""Two CPU ranks (gloo): DDP and FSDP2 agree with one process; FSDP2 validates and resumes exactly."""
 
 import json
 import os
@@ -12,21 +12,15 @@ import torch
 TESTS = Path(__file__).resolve().parent
 
 
-def _run(
-    out: Path, strategy: str, devices: int, steps: int, data: Path, *extra: str
-) -> subprocess.CompletedProcess:
+def _run(out: Path, strategy: str, devices: int, steps: int, data: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(
         os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
     )
     cmd = [
         sys.executable,
         str(TESTS / "dist_script.py"),
-        str(out),
-        strategy,
-        str(devices),
-        str(steps),
-        str(data),
-        *extra,
+        *("--out", str(out), "--strategy", strategy, "--devices", str(devices)),
+        *("--steps", str(steps), "--data", str(data), *extra),
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
@@ -35,31 +29,41 @@ def _steps(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 
 
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, demo_data):
+    """One process, the whole global batch of 8 as one micro-batch."""
     out = tmp_path_factory.mktemp("single")
-    done = _run(out, "single", 1, 5, demo_data)
+    done = _run(out, "single", 1, 4, demo_data)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_match_one_process(tmp_path, demo_data, single, strategy):
-    done = _run(tmp_path, strategy, 2, 5, demo_data)
+@pytest.mark.parametrize(
+    "strategy,devices,accumulate",
+    [("single", 1, 2), ("ddp", 2, 2), ("fsdp2", 2, 2)],
+    ids=["1proc-2micro", "ddp-2x2", "fsdp2-2x2"],
+)
+def test_step_is_the_mean_over_all_labelled_tokens(tmp_path, demo_data, single, strategy, devices, accumulate):
+    """The same global batch as 1 micro-batch, as 2 micro-batches, and as 2 ranks x 2 micro-batches
+    with unequal labelled-token counts: same gradients, same logged loss, same weights."""
+    done = _run(tmp_path, strategy, devices, 4, demo_data, "--accumulate", str(accumulate))
     assert done.returncode == 0, done.stderr[-3000:]
     ref, got = _steps(single), _steps(tmp_path)
     assert [sorted(s["keys"]) for s in got] == [sorted(s["keys"]) for s in ref]  # same global batches
+    counts = [n for s in got for part in s["labels"] for n in part]
+    assert len(set(counts)) > 1, counts  # micro-batches really differ in labelled tokens
     for a, b in zip(ref, got):
-        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (
-            a["step"],
-            a["loss"],
-            b["loss"],
-        )
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trains
-    wa, wb = (
-        torch.load(single / "weights.pt", weights_only=True),
-        torch.load(tmp_path / "weights.pt", weights_only=True),
-    )
+    ga, gb = _load(single / "grads.pt"), _load(tmp_path / "grads.pt")
+    assert sorted(ga) == sorted(gb) and ga
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-6, rtol=1e-4, msg=name)
+    wa, wb = _load(single / "weights.pt"), _load(tmp_path / "weights.pt")
     for name in wa:
         # summation order differs across ranks: float rounding, not data, separates the weights
         torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-3)
@@ -67,20 +71,21 @@ def test_two_ranks_match_one_process(tmp_path, demo_data, single, strategy):
 
 def test_fsdp2_two_rank_exact_resume(tmp_path, demo_data):
     k, total = 3, 6
-    full = _run(tmp_path / "full", "fsdp2", 2, total, demo_data, "stream")
+    stream = ("--mode", "stream")
+    full = _run(tmp_path / "full", "fsdp2", 2, total, demo_data, *stream)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _run(tmp_path / "killed", "fsdp2", 2, total, demo_data, "stream", "-", str(k + 1))
+    killed = _run(tmp_path / "killed", "fsdp2", 2, total, demo_data, *stream, "--kill-at", str(k + 1))
     assert killed.returncode != 0
     ckpt = next((tmp_path / "killed" / "ckpts").glob(f"*step={k}*"))
     assert ckpt.is_dir()  # a sharded (distributed) checkpoint
-    resumed = _run(tmp_path / "resumed", "fsdp2", 2, total, demo_data, "stream", str(ckpt))
+    resumed = _run(tmp_path / "resumed", "fsdp2", 2, total, demo_data, *stream, "--ckpt", str(ckpt))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref = {s["step"]: s["keys"] for s in _steps(tmp_path / "full")}
     got = {s["step"]: s["keys"] for s in _steps(tmp_path / "resumed")}
     assert sorted(got) == list(range(k, total))
     assert got == {s: ref[s] for s in range(k, total)}  # no sample repeated or skipped, on both ranks
-    wa = torch.load(tmp_path / "full" / "weights.pt", weights_only=True)
-    wb = torch.load(tmp_path / "resumed" / "weights.pt", weights_only=True)
+    wa = _load(tmp_path / "full" / "weights.pt")
+    wb = _load(tmp_path / "resumed" / "weights.pt")
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
 
@@ -89,7 +94,53 @@ def test_export_hf_from_sharded_fsdp2_checkpoint(tmp_path, demo_data):
     """A sharded (distributed) checkpoint consolidates and exports to a transformers Llava."""
     from train_helpers import export_hf_and_compare
 
-    done = _run(tmp_path / "run", "fsdp2", 2, 6, demo_data, "stream", "-", "3")
+    done = _run(tmp_path / "run", "fsdp2", 2, 6, demo_data, "--mode", "stream", "--kill-at", "3")
     assert done.returncode != 0  # killed at step 3, after the step-2 checkpoint
     ckpt = next((tmp_path / "run" / "ckpts").glob("*step=2*"))
     export_hf_and_compare(ckpt, tmp_path / "hf")
+
+
+def _unsharded_answers(out: Path, demo_data: Path, freeze_vision: bool) -> dict[str, str]:
+    """Validation answers of the run's final weights, one process, no sharding."""
+    import lightning as L
+    from train_helpers import tiny_config
+
+    from mmscene.train.datamodule import MMSceneDataModule
+    from mmscene.train.module import MMSceneModule
+
+    cfg = tiny_config(demo_data, out / "ref")
+    cfg["model"]["model"]["config"]["text"]["tie_word_embeddings"] = False
+    module = MMSceneModule(model=cfg["model"]["model"], max_new_tokens=3)
+    module.configure_model()
+    module.model.load_state_dict(_load(out / "weights.pt"))
+    d = cfg["data"]
+    dm = MMSceneDataModule(tokenizer=d["tokenizer"], val=d["val"], scenarios=d["scenarios"], eval_batch_size=8)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=str(out / "ref")
+    )
+    trainer.validate(module, datamodule=dm)
+    rows = [json.loads(line) for line in (out / "ref" / "predictions.jsonl").read_text().splitlines()]
+    return {r["key"]: r["prediction"] for r in rows}
+
+
+@pytest.mark.parametrize(
+    "devices,extra",
+    [(1, ("--freeze-vision",)), (2, ()), (2, ("--no-reshard-after-forward", "--freeze-vision"))],
+    ids=["1rank-frozen-tower", "2ranks", "2ranks-no-reshard-frozen-tower"],
+)
+def test_fsdp2_fit_validates_like_the_unsharded_model(tmp_path, demo_data, devices, extra):
+    """Generation under FSDP2 (the 7B recipe's validation) scores every task, and its answers are
+    those of the same weights unsharded."""
+    done = _run(tmp_path, "fsdp2", devices, 2, demo_data, "--mode", "stream", "--validate", *extra)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in (tmp_path / "results.json").read_text().splitlines()]
+    assert results and results[-1]["step"] == 2
+    scores = results[-1]["scores"]
+    for scenario in ("single_image", "multi_image", "video", "3d"):
+        assert any(k.startswith(f"{scenario}/") for k in scores), (scenario, sorted(scores))
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    sharded = {r["key"]: r["prediction"] for r in rows}
+    assert len(sharded) == 16  # every validation sample once, padding dropped
+    # answers that tell weights apart: never empty, and not one answer for every input
+    assert all(sharded.values()) and len(set(sharded.values())) >= 3, sharded
+    assert sharded == _unsharded_answers(tmp_path, demo_data, "--freeze-vision" in extra)

@@ -22,19 +22,29 @@ def compose(
     vision_feature_select: str = "full",
     image_token_id: int | None = None,
     dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
     **config_kwargs: Any,
 ) -> Any:
-    """``drop_vision_layers=1`` is the interleave recipe: SigLIP's last layer is removed."""
+    """``drop_vision_layers=1`` is the interleave recipe: SigLIP's last layer is removed.
+
+    Only the two pretrained parts and the projector are ever allocated: the frame around them
+    is built on the meta device.
+    """
+    from mmscene.model import attention
+
+    attn = {"attn_implementation": attention.resolve(attn_implementation)}
     vision_cfg = AutoConfig.from_pretrained(str(vision), trust_remote_code=False)
     vision_cfg = getattr(vision_cfg, "vision_config", vision_cfg)  # a full SigLIP/CLIP checkpoint
-    tower = AutoModel.from_pretrained(str(vision), config=vision_cfg, dtype=dtype, trust_remote_code=False)
+    tower = AutoModel.from_pretrained(
+        str(vision), config=vision_cfg, dtype=dtype, trust_remote_code=False, **attn
+    )
     if drop_vision_layers:
         layers = tower.encoder.layers
         if drop_vision_layers >= len(layers):
             raise ValueError(f"cannot drop {drop_vision_layers} of {len(layers)} vision layers")
         del layers[len(layers) - drop_vision_layers :]
         tower.config.num_hidden_layers = len(layers)
-    lm = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype, trust_remote_code=False)
+    lm = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype, trust_remote_code=False, **attn)
     tokenizer = None
     with contextlib.suppress(OSError, ValueError):  # weights without a tokenizer: the data side brings one
         tokenizer = AutoTokenizer.from_pretrained(str(llm), trust_remote_code=False)
@@ -49,9 +59,11 @@ def compose(
         image_token_id=image_token_id,
         **config_kwargs,
     )
-    model = build_empty(config, dtype)
+    with torch.device("meta"):
+        model = build_empty(config, dtype, attn_implementation)
     model.vision_tower = tower
     model.language_model = lm
+    model.projector.to_empty(device=next(lm.parameters()).device)
     model.projector.apply(_init_linear)  # the projector is the only freshly built part
     model.tokenizer = tokenizer
     return model

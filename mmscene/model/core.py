@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mmscene.model import attention
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.projector import build_projector
 
@@ -25,6 +26,8 @@ _CLS_TOWERS = ("clip_vision_model",)  # towers whose first token is a CLS token
 
 class MultimodalLM(nn.Module):
     def __init__(self, config: MultimodalConfig, attn_implementation: str | None = None):
+        """``attn_implementation``: one of :data:`mmscene.model.attention.CHOICES` for both the tower
+        and the LLM (None / ``auto``: flash-attention 2 where installed on a GPU, else SDPA)."""
         super().__init__()
         self.config = config
         vision_config = config.vision_config
@@ -32,7 +35,7 @@ class MultimodalLM(nn.Module):
         if getattr(vision_config, "vision_use_head", False):
             # The pooling head is never used for features and would get no gradient under FSDP.
             vision_config.vision_use_head = False
-        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        kwargs = {"attn_implementation": attention.resolve(attn_implementation)}
         self.vision_tower = AutoModel.from_config(vision_config, **kwargs)
         self.projector = build_projector(
             config.projector, vision_config.hidden_size, text_config.hidden_size, config.projector_bias
@@ -152,13 +155,36 @@ class MultimodalLM(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         image_pooling: torch.Tensor | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | torch.Tensor:
+        """Logits (and the mean token loss when ``labels`` are given); with ``generate_kwargs``,
+        the new tokens of :meth:`generate`.
+
+        Generation enters here, through ``__call__``, so that a sharded (FSDP2) root sees one
+        forward around the whole of it: its pre-forward hook gathers the parameters the root
+        holds (patch embedding, projector, final norm, tied embeddings) before ``embed`` and the
+        LLM's decoding loop use them.
+        """
+        if generate_kwargs is not None:
+            return self._generate(input_ids, pixel_values, attention_mask, image_pooling, generate_kwargs)
+        rows = input_ids.shape
+        if (
+            attention_mask is None
+            and position_ids is not None
+            and rows[0] > 1
+            and attention.needs_single_row(self.language_model.config._attn_implementation)
+        ):
+            # Packed rows under flash attention: one row whose position ids restart per sample
+            # is what its varlen path detects (row padding is a sample of its own). Images keep
+            # their order, row after row.
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+            labels = labels.reshape(1, -1) if labels is not None else None
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
         if labels is not None:
             # Image positions never carry loss, whatever the caller's labels say.
             labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
-        return self.language_model(
+        out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -166,6 +192,9 @@ class MultimodalLM(nn.Module):
             use_cache=False,
             **kwargs,
         )
+        if out.logits is not None and out.logits.shape[:2] != rows:
+            out.logits = out.logits.reshape(*rows, -1)
+        return out
 
     @torch.no_grad()
     def generate(
@@ -179,20 +208,27 @@ class MultimodalLM(nn.Module):
     ) -> torch.Tensor:
         """New tokens only, ``[batch, new_len]``, with KV cache (greedy, sampling, any GenerationConfig).
 
-        Batches mix samples with different numbers of images; pad on the left.
+        Batches mix samples with different numbers of images; pad on the left. Sharded ranks pass
+        ``synced_gpus=True`` so that they keep stepping together until every rank is done.
         """
         if attention_mask is not None and input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError(
                 "batched generation needs left padding: the last position of every row must be real"
             )
+        return self(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            image_pooling=image_pooling,
+            generate_kwargs={"generation_config": generation_config, **kwargs},
+        )
+
+    def _generate(self, input_ids, pixel_values, attention_mask, image_pooling, generate_kwargs):
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         return self.language_model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            generation_config=generation_config,
-            **kwargs,
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )
 
     # ------------------------------------------------------------------ construction / IO

@@ -103,7 +103,12 @@ def _config(
     return _config_from_llava_qwen(raw, state, folder, overrides)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, **overrides: Any) -> MultimodalLM:
+def load_checkpoint(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    **overrides: Any,
+) -> MultimodalLM:
     folder = _resolve_dir(path)
     raw, fmt = _raw_config(folder)
     state = read_weights(folder)
@@ -112,20 +117,22 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, **overri
         state = _remap(state, _llava_hf_key)
     elif fmt == "llava_qwen":
         state = _remap(state, _llava_qwen_key)
-    model = build_empty(config, dtype)
+    model = build_empty(config, dtype, attn_implementation)
     _load_state(model, state, source=f"{fmt} checkpoint {folder}")
     model.tokenizer = _maybe_tokenizer(folder)
     return model
 
 
-def build_empty(config: MultimodalConfig, dtype: torch.dtype | None = None) -> MultimodalLM:
+def build_empty(
+    config: MultimodalConfig, dtype: torch.dtype | None = None, attn_implementation: str | None = None
+) -> MultimodalLM:
     """A model whose weights are about to be loaded: skip the (slow) random init."""
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers 5.x
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        model = MultimodalLM(config)
+        model = MultimodalLM(config, attn_implementation)
     return model.to(dtype) if dtype is not None else model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +18,29 @@ def read_training_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _read_sharded(folder: Path) -> dict[str, Any]:
-    """Consolidate a distributed checkpoint (torch.distributed.checkpoint) into one state dict."""
+    """The model weights of a distributed checkpoint (torch.distributed.checkpoint) as one state
+    dict; optimizer states stay on disk (only the model's tensors are planned and read)."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    state: dict[str, Any] = {}
-    _load_state_dict(
-        state,
-        storage_reader=FileSystemReader(str(folder)),
-        planner=_EmptyStateDictLoadPlanner(),
-        no_dist=True,
-    )
+    reader = FileSystemReader(str(folder))
+    metadata = reader.read_metadata()
+    model: dict[str, torch.Tensor] = {}
+    for flat, path in metadata.planner_data.items():
+        entry = metadata.state_dict_metadata.get(flat)
+        if path[0] in ("state_dict", "model") and isinstance(entry, TensorStorageMetadata):
+            name = ".".join(str(p) for p in path[1:])
+            model[name] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    if not model:
+        raise ValueError(f"{folder} is a distributed checkpoint without model weights")
+    state = {"state_dict": model}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     meta_file = folder / "meta.pt"
     meta = torch.load(str(meta_file), map_location="cpu", weights_only=True) if meta_file.is_file() else {}
-    model_state = state.get("model", state.get("state_dict", {}))
     return {
         **meta,
-        "state_dict": {f"model.{k}" if not k.startswith("model.") else k: v for k, v in model_state.items()},
+        "state_dict": {f"model.{k}" if not k.startswith("model.") else k: v for k, v in model.items()},
     }

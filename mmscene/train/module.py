@@ -10,8 +10,10 @@ from typing import Any
 import lightning as L
 import torch
 
+from mmscene.model import attention
 from mmscene.model.config import MultimodalConfig
-from mmscene.model.core import MultimodalLM
+from mmscene.model.core import IGNORE_INDEX, MultimodalLM
+from mmscene.train import sharding
 from mmscene.train.evaluation import Scoreboard
 
 PARTS = ("vision", "projector", "llm")
@@ -30,6 +32,13 @@ class MMSceneModule(L.LightningModule):
         warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio`` at ``trainer.max_steps``.
         max_new_tokens: generation length in validation and prediction.
         activation_checkpointing: recompute each decoder / encoder layer in backward.
+        fsdp: FSDP2 options under ModelParallelStrategy (see :mod:`mmscene.train.sharding`).
+        attn_implementation: attention kernel of tower and LLM: ``sdpa``, ``eager``,
+            ``flash_attention_2``, ``flex_attention`` or ``auto`` (null; flash-attention 2 where
+            installed on a GPU, else SDPA). Packed rows never attend across samples with any.
+
+    The loss of an optimizer step is the mean over all labelled tokens of its micro-batches on all
+    data-parallel ranks (see :meth:`backward`), and ``train/loss`` logs that same mean.
     """
 
     def __init__(
@@ -44,6 +53,7 @@ class MMSceneModule(L.LightningModule):
         max_new_tokens: int = 16,
         activation_checkpointing: bool = False,
         fsdp: dict[str, Any] | None = None,
+        attn_implementation: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -57,26 +67,37 @@ class MMSceneModule(L.LightningModule):
         if unknown:
             raise ValueError(f"lr: unknown parts {unknown}; choose from {PARTS}")
         self.model_config = model_config(self.spec)
+        self.attn_implementation = attention.resolve(attn_implementation)
         self.model: MultimodalLM | None = None
         self.tokenizer = None  # set by the data module
         self.scoreboard: Scoreboard | None = None
+        self._window = None  # (loss sum, labelled tokens) of the micro-batches of this optimizer step
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = build_model(self.spec, self.model_config)
-        for part in PARTS:
-            trainable = part not in self.freeze
-            getattr(self.model, _ATTR[part]).requires_grad_(trainable)
-        self.model.freeze_unused()
-        if self.hparams.activation_checkpointing:
-            self.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
-            if hasattr(self.model.vision_tower, "gradient_checkpointing_enable"):
-                self.model.vision_tower.gradient_checkpointing_enable({"use_reentrant": False})
-        from mmscene.train.sharding import maybe_shard
+        if not sharding.is_model_parallel(self):
+            self.model = self._prepare(build_model(self.spec, self.model_config, self.attn_implementation))
+            return
+        # Sharded: only rank 0 builds the full model; every rank shards a meta skeleton.
+        full = None
+        if self.global_rank == 0:
+            full = build_model(self.spec, self.model_config, self.attn_implementation)
+        self.model = self._prepare(skeleton(self.model_config, self.attn_implementation))
+        sharding.shard(self, self.hparams.fsdp or {})
+        sharding.load_into_shards(self.model, None if full is None else full.state_dict(), self.device)
+        del full
 
-        maybe_shard(self, self.hparams.fsdp or {})
+    def _prepare(self, model: MultimodalLM) -> MultimodalLM:
+        for part in PARTS:
+            getattr(model, _ATTR[part]).requires_grad_(part not in self.freeze)
+        model.freeze_unused()
+        if self.hparams.activation_checkpointing:
+            model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+            if hasattr(model.vision_tower, "gradient_checkpointing_enable"):
+                model.vision_tower.gradient_checkpointing_enable({"use_reentrant": False})
+        return model
 
     def geometry(self, pad_to_square: bool = True):
         from mmscene.data.encode import ImageGeometry
@@ -97,9 +118,21 @@ class MMSceneModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        last = not self.trainer.fit_loop._should_accumulate()  # Lightning's own accumulation test
+        if sharding.is_model_parallel(self):
+            # FSDP2 reduce-scatters only on the last micro-batch of a window (DDP's no_sync).
+            self.model.set_requires_gradient_sync(last)
+        out = self.model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            image_pooling=batch.get("image_pooling"),
+        )
+        loss_sum, count = token_loss_sum(out.logits, batch["labels"], self.model.config.image_token_id, batch["input_ids"])
+        done = torch.stack([loss_sum.detach(), count])
+        self._window = done if self._window is None else self._window + done
         n = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if batch.get("real_tokens") is not None:  # packed rows: count samples' tokens, not row padding
             tokens = float(batch["real_tokens"])
         elif batch.get("attention_mask") is not None:
@@ -107,7 +140,37 @@ class MMSceneModule(L.LightningModule):
         else:
             tokens = float(batch["input_ids"].numel())
         self.log("train/tokens", tokens, reduce_fx="sum", batch_size=n)
-        return loss
+        # Summed, not averaged: backward() divides the window's gradients by its token count.
+        return loss_sum
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward of a micro-batch's summed token loss; on the last micro-batch of an optimizer
+        step, the accumulated (and data-parallel averaged) gradients are rescaled so that they are
+        the gradient of the mean over every labelled token of the step, on every rank.
+
+        Lightning divides each micro-batch loss by ``accumulate_grad_batches`` (A) and DDP / FSDP2
+        average gradients over the D data-parallel ranks, so the gradients hold
+        sum-of-token-losses' gradient / (A * D); multiplying by A * D / N, with N the step's
+        labelled tokens on all ranks, gives the per-token mean (transformers' ``num_items_in_batch``).
+        """
+        loss.backward(*args, **kwargs)
+        if self.trainer.fit_loop._should_accumulate():
+            return
+        window, self._window = self._window, None
+        group = sharding.data_parallel_group(self)
+        if group is not None:
+            torch.distributed.all_reduce(window, group=group)
+        replicas = 1 if group is None else torch.distributed.get_world_size(group)
+        loss_total, tokens = window[0], window[1].clamp(min=1)
+        self._step_loss = loss_total / tokens
+        scale = self.trainer.accumulate_grad_batches * replicas / tokens
+        for p in self.model.parameters():
+            if p.grad is not None:
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                grad.mul_(scale.to(grad.dtype))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/loss", self._step_loss, prog_bar=True, batch_size=1, sync_dist=False)
 
     def configure_optimizers(self):
         groups = []
@@ -180,8 +243,9 @@ class MMSceneModule(L.LightningModule):
         results, predictions = self.scoreboard.compute(self.trainer)
         for name, value in results.items():
             self.log(f"{stage}/{name}", value, rank_zero_only=True, sync_dist=False)
+        # ``trainer.log_dir`` broadcasts from rank 0: every rank must ask for it.
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             out.mkdir(parents=True, exist_ok=True)
             record = {"step": self.global_step, "stage": stage, "scores": results}
             with open(out / "results.json", "a") as f:
@@ -241,10 +305,34 @@ def model_config(spec: dict[str, Any]) -> MultimodalConfig:
     return MultimodalConfig(vision=hf_config_dict(vision), text=hf_config_dict(text), **extra)
 
 
-def build_model(spec: dict[str, Any], config: MultimodalConfig) -> MultimodalLM:
+def build_model(spec: dict[str, Any], config: MultimodalConfig, attn_implementation: str | None = None) -> MultimodalLM:
+    """The full model with its weights (random for ``config``, read for the others)."""
     if "config" in spec:
-        return MultimodalLM(config)
+        return MultimodalLM(config, attn_implementation)
     if "pretrained" in spec:
-        return MultimodalLM.from_pretrained(spec["pretrained"], **spec.get("overrides", {}))
+        return MultimodalLM.from_pretrained(
+            spec["pretrained"], attn_implementation=attn_implementation, **spec.get("overrides", {})
+        )
     comp = dict(spec["components"])
-    return MultimodalLM.from_components(comp.pop("vision"), comp.pop("llm"), **comp)
+    return MultimodalLM.from_components(
+        comp.pop("vision"), comp.pop("llm"), attn_implementation=attn_implementation, **comp
+    )
+
+
+def skeleton(config: MultimodalConfig, attn_implementation: str | None = None) -> MultimodalLM:
+    """The model with parameters on the meta device (no weights read, none allocated)."""
+    from mmscene.model.formats import build_empty
+
+    with sharding.meta_parameters():
+        return build_empty(config, attn_implementation=attn_implementation)
+
+
+def token_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, image_token_id: int, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (fp32) over labelled positions, and their count."""
+    labels = labels.masked_fill(input_ids == image_token_id, IGNORE_INDEX)  # images never carry loss
+    targets = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    loss = torch.nn.functional.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum().to(loss.dtype)

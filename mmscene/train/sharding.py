@@ -3,10 +3,16 @@
 One FSDP unit per LLM decoder layer and per vision encoder layer, the rest at the root. Frozen
 parts (the vision tower in the paper's recipe) shard like the others: FSDP2 shards per parameter
 and leaves ``requires_grad=False`` tensors without gradients.
+
+Loading without a full copy per rank (torchtitan's meta-device recipe): every rank builds the
+model's skeleton with parameters on the meta device, shards it, and allocates only its own
+slices; rank 0 alone builds the full model (weights read once) and
+``set_model_state_dict(..., broadcast_from_rank0=True)`` sends each tensor's slices out.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -14,12 +20,26 @@ import torch
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, None: None}
 
 
-def maybe_shard(module, cfg: dict[str, Any]) -> bool:
+def is_model_parallel(module) -> bool:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     trainer = getattr(module, "_trainer", None)
-    if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
-        return False
+    return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def data_parallel_group(module):
+    """The process group over which gradients are averaged (None in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if is_model_parallel(module):
+        return module.device_mesh["data_parallel"].get_group()
+    return dist.group.WORLD
+
+
+def shard(module, cfg: dict[str, Any]) -> None:
+    """``fully_shard`` the module's core in place (its parameters may still be on meta)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     unknown = sorted(set(cfg) - {"param_dtype", "reduce_dtype", "reshard_after_forward", "hybrid"})
@@ -34,7 +54,42 @@ def maybe_shard(module, cfg: dict[str, Any]) -> bool:
     for layer in shard_units(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    return True
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Parameters are created on the meta device, buffers where they would be.
+
+    Non-persistent buffers (rotary frequencies, position ids) are in no state dict, so they must
+    be real from the start; ``torch.device("meta")`` would leave them empty. (accelerate's
+    ``init_empty_weights(include_buffers=False)`` does the same; it is not a dependency here.)
+    """
+    register = torch.nn.Module.register_parameter
+
+    def to_meta(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+
+    torch.nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def load_into_shards(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None, device) -> None:
+    """Allocate this rank's slices of a sharded meta skeleton and fill them from rank 0's
+    ``full_state`` (None on the other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, value in buffers.items():
+            model.get_buffer(name).copy_(value)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, full_state or {}, options=options)
 
 
 def shard_units(model) -> list[torch.nn.Module]:

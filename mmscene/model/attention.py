@@ -1,0 +1,44 @@
+"""Which attention kernel the tower and the LLM use, and what packed rows need from each.
+
+Packed rows (several samples per row, position ids restarting at 0, no attention mask) stay
+block-diagonal under every implementation, but by different routes: transformers builds the
+block mask from the position ids for ``eager``, ``sdpa`` and ``flex_attention`` at any batch
+size, while its flash-attention path derives ``cu_seqlens`` from position ids only when the
+batch has one row. :func:`needs_single_row` names the implementations for which the core
+flattens a packed batch into one row first (the varlen convention), so no token attends across
+samples whichever kernel runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def resolve(name: str | None) -> str:
+    """The implementation to build with; ``auto`` (or None) is the best this machine has."""
+    name = name or "auto"
+    if name not in CHOICES:
+        raise ValueError(f"model.attn_implementation: {name!r} is not one of {list(CHOICES)}")
+    if name == "auto":
+        return "flash_attention_2" if _has_flash_attn() and torch.cuda.is_available() else "sdpa"
+    if name == "flash_attention_2" and not _has_flash_attn():
+        raise ValueError(
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package "
+            "(pip install flash-attn --no-build-isolation) and a CUDA GPU; use sdpa or flex_attention here"
+        )
+    if name == "flex_attention" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise ValueError("model.attn_implementation: flex_attention needs torch >= 2.5")
+    return name
+
+
+def needs_single_row(implementation: str | None) -> bool:
+    """Whether packed rows must be flattened into one row for this implementation."""
+    return "flash" in str(implementation or "")
+
+
+def _has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
