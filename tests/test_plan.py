@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
 
 from mmscene.cli import main as cli_main
+from mmscene.data.batching import TokenBudget
 from mmscene.launch.plan import plan
 from mmscene.model.config import MultimodalConfig
+
+REPO = Path(__file__).resolve().parents[1]
+GiB = 1024**3
 
 # The presets' numbers, written out (Qwen1.5-Chat config.json, SigLIP so400m with 26 layers).
 QWEN = {
@@ -92,14 +97,18 @@ def test_real_size_plan_matches_hand_computation(llm, nodes, gpus):
 
     h, a, L, V = q["h"], q["a"], q["L"], q["V"]
     layer = s * b * h * 34 + 5 * a * s * s * b  # = s*b*h*(34 + 5*a*s/h)
+    mask = b * s * s  # boolean padding mask of b > 1 rows, shared by the layers
     logits = s * b * V * (2 + 4)
     logits_grad = s * b * V * (4 + 2)  # fp32 loss gradient + bf16 cast, while the logits are held
     acts = got.activations
-    assert acts["full"]["stored"] == L * layer + logits  # frozen tower: nothing kept
-    assert acts["full"]["total"] == L * layer + logits + logits_grad
-    assert acts["full"]["total_sdpa"] == L * s * b * h * 34 + logits + logits_grad
-    assert acts["checkpointed"]["total"] == L * 2 * s * b * h + layer + logits + logits_grad
-    assert got.fsdp["total"] == got.fsdp["total_without_activations"] + L * layer + logits + logits_grad
+    assert acts["batching"]["mode"] == "samples" and acts["tokens"] == s * b
+    assert acts["full"]["stored"] == L * layer + mask + logits  # frozen tower: nothing kept
+    assert acts["full"]["total"] == L * layer + mask + logits + logits_grad
+    assert acts["full"]["total_sdpa"] == L * s * b * h * 34 + mask + logits + logits_grad
+    assert acts["checkpointed"]["total"] == L * 2 * s * b * h + layer + mask + logits + logits_grad
+    assert (
+        got.fsdp["total"] == got.fsdp["total_without_activations"] + L * layer + mask + logits + logits_grad
+    )
 
 
 def test_more_gpus_shrink_sharded_bytes_not_replicated_ones():
@@ -186,3 +195,100 @@ def test_cli_model_preset_stands_in_for_an_unreadable_checkpoint(tmp_path, capsy
     assert got["params"]["total"]["total"] == hand_counts("qwen1.5-0.5b-chat")["total"]
     assert got["activations"]["max_length"] == 1024 and got["activations"]["micro_batch"] == 4
     assert got["freeze"] == ["vision"]  # MMSceneModule's default when the YAML names none
+
+
+# (budget, data.max_length) -> (tokens n per micro-batch, row length s, rows with a mask)
+BUDGETS = {
+    "packed, one row": (TokenBudget(max_tokens=8192), 4096, (8192, 8192, 1)),
+    "packed, two rows": (TokenBudget(max_tokens=16384, row_tokens=8192), 8192, (16384, 8192, 2)),
+    # rows hold up to max_length; the budget's tokens bound the linear terms, the longest row the scores
+    "not packed": (TokenBudget(max_tokens=16384, pack=False), 6000, (16384, 6000, 2)),
+    "not packed, one row": (TokenBudget(max_tokens=8192, pack=False), 8192, (8192, 8192, 0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUDGETS))
+@pytest.mark.parametrize("llm", sorted(QWEN))
+def test_token_budget_plan_matches_hand_computation(llm, name):
+    budget, max_length, (n, s, mask_rows) = BUDGETS[name]
+    got = plan(
+        MultimodalConfig(vision="siglip-so400m-patch14-384-26l", text=llm),
+        nodes=2,
+        gpus_per_node=8,
+        max_length=max_length,
+        micro_batch=7,  # ignored with a token budget
+        batching=budget,
+        activation_checkpointing=True,
+    )
+    q = QWEN[llm]
+    h, a, L, V = q["h"], q["a"], q["L"], q["V"]
+    acts = got.activations
+    assert acts["batching"]["mode"] == "tokens" and acts["micro_batch"] is None
+    assert (acts["tokens"], acts["row_length"]) == (n, s)
+    layer = n * h * 34 + 5 * a * s * n  # n*h*(34 + 5*a*s/h): n tokens in rows of s
+    mask = mask_rows * s * s
+    logits, logits_grad = n * V * (2 + 4), n * V * (4 + 2)
+    assert acts["mask"] == mask
+    assert acts["full"]["total"] == L * layer + mask + logits + logits_grad
+    assert acts["checkpointed"]["total"] == L * 2 * n * h + layer + mask + logits + logits_grad
+    assert acts["checkpointed"]["total_sdpa"] == L * 2 * n * h + n * h * 34 + mask + logits + logits_grad
+    assert (
+        got.fsdp["total_sdpa"] == got.fsdp["total_without_activations"] + acts["checkpointed"]["total_sdpa"]
+    )
+
+
+def test_packed_rows_plan_like_full_padded_samples():
+    """Two packed rows of s are, for memory, two samples of s: the same tensors."""
+    cfg = MultimodalConfig(text="qwen1.5-0.5b-chat")
+    samples = plan(cfg, nodes=1, gpus_per_node=8, max_length=4096, micro_batch=2)
+    packed = plan(cfg, nodes=1, gpus_per_node=8, max_length=4096, batching=TokenBudget(8192, row_tokens=4096))
+    for key in ("full", "checkpointed"):
+        assert packed.activations[key] == samples.activations[key]
+    assert packed.fsdp == samples.fsdp
+
+
+def test_cli_reads_token_budget_and_says_which_batching(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    data = {"max_length": 4096, "batch_size": 3, "batching": {"mode": "tokens", "max_tokens": 12288}}
+    config.write_text(yaml.safe_dump({"model": {"model": {"config": {}}}, "data": data}))
+    args = ["plan", "--config", str(config), "--nodes", "1", "--gpus-per-node", "8"]
+    assert cli_main([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["activations"]
+    assert got["batching"]["mode"] == "tokens" and got["batching"]["pack"] is True
+    assert (got["tokens"], got["row_length"], got["rows"]) == (12288, 12288, 1)
+    assert cli_main(args) == 0
+    assert "batching: token budget, packed (data.batching): max_tokens=12288" in capsys.readouterr().out
+    # --micro-batch plans samples instead, --max-tokens another budget
+    assert cli_main([*args, "--micro-batch", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["activations"]
+    assert got["batching"]["mode"] == "samples" and (got["tokens"], got["micro_batch"]) == (8192, 2)
+    assert cli_main([*args, "--max-tokens", "8192", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["activations"]["tokens"] == 8192
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--micro-batch", "2", "--max-tokens", "8192"])
+    capsys.readouterr()
+    assert cli_main([*args, "--max-tokens", "2048"]) == 0  # a row shorter than max_length
+    assert "the data module refuses" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "preset", "nodes", "strategy"),
+    [
+        ("interleave-qwen-0.5b", "qwen1.5-0.5b-chat", 1, "ddp"),
+        ("interleave-qwen-7b", "qwen1.5-7b-chat", 4, "fsdp2"),
+    ],
+)
+def test_shipped_recipes_plan_to_fit_80gb_with_their_token_budget(name, preset, nodes, strategy, capsys):
+    config = str(REPO / "configs" / f"{name}.yaml")
+    args = ["plan", "--config", config, "--model", preset, "--nodes", str(nodes), "--gpus-per-node", "8"]
+    assert cli_main([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["strategy"] == strategy and got["activation_checkpointing"] is True
+    acts = got["activations"]
+    assert acts["batching"]["mode"] == "tokens" and acts["batching"]["pack"] is True
+    assert acts["max_length"] <= acts["row_length"]  # the data module's check
+    total = got["ddp" if strategy == "ddp" else "fsdp"]["total_sdpa"]
+    assert total * 1.15 <= 79.6 * GiB  # with the allowance for CUDA context, NCCL, fragmentation
+    assert cli_main(args) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "<- configured strategy" in line)
+    assert "SDPA" in line and " fits 79.6 GiB" in line

@@ -15,16 +15,26 @@ FSDP2 (``fully_shard`` per vision/decoder layer + the root), mixed precision:
 DDP (full replication): P * master_bytes + T * master_bytes (grads) + 2 * T * master_bytes (AdamW)
   + T * master_bytes (gradient buckets; ``gradient_as_bucket_view=False`` is Lightning's default).
 
-Activations for sequence length s (``data.max_length``), micro-batch b (``data.batch_size``),
-hidden h, heads a, layers L, vocabulary V, in 16-bit (Korthikanti et al. 2022, "Reducing
-Activation Recomputation in Large Transformer Models", no tensor/sequence parallelism):
-  * per decoder layer:  s*b*h*(34 + 5*a*s/h) bytes; the 5*a*s/h term is the attention score /
-    softmax / dropout tensors, which SDPA / flash attention never store (reported separately);
+Activations of one micro-batch of n tokens in rows of s tokens (hidden h, heads a, layers L,
+vocabulary V), in 16-bit (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", no tensor/sequence parallelism). The micro-batch comes from the data config:
+  * ``data.batch_size`` b samples of ``data.max_length`` tokens: s = max_length, n = b * s;
+  * ``data.batching: {mode: tokens, pack: true}``: ``max_tokens // row_tokens`` rows of
+    ``row_tokens`` (default ``max_tokens``): s = row length, n = rows * s (= max_tokens);
+  * ``mode: tokens, pack: false``: n = max_tokens, s = the longest row allowed,
+    min(max_length, max_tokens) (an upper bound: rows x longest <= max_tokens).
+Then:
+  * per decoder layer:  n*h*(34 + 5*a*s/h) bytes (= s*b*h*(34 + 5*a*s/h)); the 5*a*s/h term is
+    the attention score / softmax / dropout tensors, which SDPA / flash attention never store
+    (reported separately);
   * without checkpointing: L * per layer; with activation checkpointing of every layer: the
-    layer inputs L * 2*s*b*h plus one layer recomputed in backward;
-  * logits: s*b*V*(2 + 4) bytes (bf16 logits and their fp32 copy for the loss), and when backward
-    starts, while they are still held, their gradients: another s*b*V*(4 + 2) bytes;
-  * vision tower (only when trained): the same formula with s = tokens per image, b = images.
+    layer inputs L * 2*n*h plus one layer recomputed in backward;
+  * the attention mask of packed or padded rows (transformers' boolean block-causal / padding
+    mask, rows * s * s bytes; none for a single unpadded row);
+  * logits: n*V*(2 + 4) bytes (bf16 logits and their fp32 copy for the loss), and when backward
+    starts, while they are still held, their gradients: another n*V*(4 + 2) bytes;
+  * vision tower (only when trained): the same formula with s = tokens per image, b = images
+    (samples x images per sample; with a token budget, as many images as the budget holds).
 These are estimates: allocator fragmentation, NCCL buffers and the CUDA context (~1-3 GiB) come
 on top.
 """
@@ -33,13 +43,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+
+from mmscene.data.batching import TokenBudget
 
 GiB = 1024**3
 _BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -66,6 +74,7 @@ class Plan:
     ddp: dict[str, int]
     activations: dict[str, Any]
     activation_checkpointing: bool
+    strategy: str | None = None  # the config's: "fsdp2", "ddp" or None (not known)
 
     @property
     def world_size(self) -> int:
@@ -101,49 +110,24 @@ def _unique(params) -> list[torch.nn.Parameter]:
     return out
 
 
-def meta_model(config):
+def meta_model(config, freeze=("vision",)):
     """The model on the meta device, with the parts' requires_grad as training would set them."""
     from mmscene.model.core import MultimodalLM
 
-    with torch.device("meta"):
-        return MultimodalLM(config)
-
-
-def layer_activation_bytes(s: int, b: int, h: int, a: int, act_bytes: int = 2, scores: bool = True) -> int:
-    """Korthikanti et al.: s*b*h*(34 + 5*a*s/h) bytes per transformer layer in 16-bit."""
-    per = s * b * h * 34 + (5 * a * s * s * b if scores else 0)
-    return per * act_bytes // 2
-
-
-def plan(
-    config,
-    *,
-    nodes: int,
-    gpus_per_node: int,
-    freeze: list[str] | tuple[str, ...] = ("vision",),
-    max_length: int = 4096,
-    micro_batch: int = 1,
-    images_per_sample: int = 1,
-    param_dtype: str | None = "bfloat16",
-    reduce_dtype: str | None = "float32",
-    master_dtype: str = "float32",
-    hybrid: bool = False,
-    activation_checkpointing: bool = False,
-) -> Plan:
-    """Parameter counts and memory estimates for ``config`` (a MultimodalConfig) on nodes x GPUs."""
-    from mmscene.train.sharding import shard_units
-
-    if nodes < 1 or gpus_per_node < 1 or max_length < 1 or micro_batch < 1 or images_per_sample < 0:
-        raise ValueError("nodes, gpus_per_node, max_length and micro_batch must be >= 1")
     unknown = sorted(set(freeze) - set(PARTS))
     if unknown:
         raise ValueError(f"freeze: unknown parts {unknown}; choose from {PARTS}")
-    model = meta_model(config)
+    with torch.device("meta"):
+        model = MultimodalLM(config)
     for part in PARTS:  # as MMSceneModule.configure_model does
         getattr(model, _ATTR[part]).requires_grad_(part not in freeze)
     if hasattr(model, "freeze_unused"):
         model.freeze_unused()
+    return model
 
+
+def parameter_counts(model) -> dict[str, dict[str, int]]:
+    """``{part: {"total", "trainable"}}`` for vision / projector / llm and their total."""
     params: dict[str, dict[str, int]] = {}
     seen: set[int] = set()
     for part in PARTS:
@@ -154,6 +138,64 @@ def plan(
             "trainable": sum(p.numel() for p in own if p.requires_grad),
         }
     params["total"] = {k: sum(params[p][k] for p in PARTS) for k in ("total", "trainable")}
+    return params
+
+
+def layer_activation_bytes(
+    tokens: int, s: int, h: int, a: int, act_bytes: int = 2, scores: bool = True
+) -> int:
+    """Korthikanti et al.: n*h*(34 + 5*a*s/h) bytes per layer in 16-bit, n tokens in rows of s."""
+    per = tokens * h * 34 + (5 * a * s * tokens if scores else 0)
+    return per * act_bytes // 2
+
+
+def micro_batch_shape(max_length: int, micro_batch: int, budget: TokenBudget | None) -> dict[str, Any]:
+    """The shape of one training micro-batch: tokens, row length, rows, and rows with a mask."""
+    if budget is None:
+        s, rows = max_length, micro_batch
+        mask_rows = rows if rows > 1 else 0  # padded rows; one unpadded row needs no mask
+        return dict(mode="samples", tokens=s * rows, row_length=s, rows=rows, mask_rows=mask_rows)
+    shape: dict[str, Any] = dict(
+        mode="tokens", max_tokens=budget.max_tokens, pack=budget.pack, row_tokens=budget.row_tokens
+    )
+    if budget.pack:  # full rows of row_capacity, each with its block-causal mask
+        s, rows = budget.row_capacity, budget.rows
+        shape.update(tokens=s * rows, row_length=s, rows=rows, mask_rows=rows)
+    else:  # the longest rows allowed, as many as the budget takes
+        s = min(max_length, budget.max_tokens)
+        rows = budget.max_tokens // s
+        shape.update(tokens=budget.max_tokens, row_length=s, rows=rows, mask_rows=rows if rows > 1 else 0)
+    return shape
+
+
+def plan(
+    config,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    freeze: list[str] | tuple[str, ...] = ("vision",),
+    max_length: int = 4096,
+    micro_batch: int = 1,
+    batching: TokenBudget | None = None,
+    images_per_sample: int = 1,
+    param_dtype: str | None = "bfloat16",
+    reduce_dtype: str | None = "float32",
+    master_dtype: str = "float32",
+    hybrid: bool = False,
+    activation_checkpointing: bool = False,
+    strategy: str | None = None,
+) -> Plan:
+    """Parameter counts and memory estimates for ``config`` (a MultimodalConfig) on nodes x GPUs.
+
+    ``batching`` (``data.batching`` in tokens mode) replaces ``micro_batch`` samples of
+    ``max_length`` tokens by a token budget.
+    """
+    from mmscene.train.sharding import shard_units
+
+    if nodes < 1 or gpus_per_node < 1 or max_length < 1 or micro_batch < 1 or images_per_sample < 0:
+        raise ValueError("nodes, gpus_per_node, max_length and micro_batch must be >= 1")
+    model = meta_model(config, freeze)
+    params = parameter_counts(model)
     P, T = params["total"]["total"], params["total"]["trainable"]
 
     units = shard_units(model)
@@ -186,14 +228,9 @@ def plan(
     ddp = {"params": P * m, "grads": T * m, "optimizer": 2 * T * m, "buckets": T * m}
     ddp["total_without_activations"] = sum(ddp.values())
 
-    acts = activations(
-        model,
-        freeze,
-        max_length,
-        micro_batch,
-        images_per_sample,
-        act_bytes=2 if pb == 2 else m,
-    )
+    shape = micro_batch_shape(max_length, micro_batch, batching)
+    acts = activations(model, freeze, shape, images_per_sample, act_bytes=2 if pb == 2 else m)
+    acts.update(max_length=max_length, micro_batch=micro_batch if batching is None else None)
     key = "checkpointed" if activation_checkpointing else "full"
     for table in (fsdp, ddp):
         table["activations"] = acts[key]["total"]
@@ -217,6 +254,7 @@ def plan(
         ddp=ddp,
         activations=acts,
         activation_checkpointing=activation_checkpointing,
+        strategy=strategy,
     )
 
 
@@ -224,32 +262,42 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def activations(model, freeze, s: int, b: int, images_per_sample: int, act_bytes: int = 2) -> dict[str, Any]:
+def activations(
+    model, freeze, shape: dict[str, Any], images_per_sample: int, act_bytes: int = 2
+) -> dict[str, Any]:
+    """Activation bytes of one micro-batch of ``shape`` (see :func:`micro_batch_shape`)."""
     text = model.config.text_config
     h, a, L, V = text.hidden_size, text.num_attention_heads, text.num_hidden_layers, text.vocab_size
-    layer = layer_activation_bytes(s, b, h, a, act_bytes)
-    layer_sdpa = layer_activation_bytes(s, b, h, a, act_bytes, scores=False)
-    logits = s * b * V * (act_bytes + 4)
+    n, s = shape["tokens"], shape["row_length"]
+    layer = layer_activation_bytes(n, s, h, a, act_bytes)
+    layer_sdpa = layer_activation_bytes(n, s, h, a, act_bytes, scores=False)
+    mask = shape["mask_rows"] * s * s  # boolean, shared by every layer
+    logits = n * V * (act_bytes + 4)
     # Backward begins with the loss's fp32 gradient and its bf16 cast while the logits are still
     # held: the peak of a step (measured on an H200 with the 0.5B config, see docs/slurm.md).
-    logits_grad = s * b * V * (4 + act_bytes)
-    inputs = L * s * b * h * act_bytes  # what checkpointing keeps: each layer's input
+    logits_grad = n * V * (4 + act_bytes)
+    inputs = L * n * h * act_bytes  # what checkpointing keeps: each layer's input
     out: dict[str, Any] = {
-        "max_length": s,
-        "micro_batch": b,
+        "batching": shape,
+        "tokens": n,
+        "row_length": s,
+        "rows": shape["rows"],
         "llm_layer": layer,
         "llm_layer_sdpa": layer_sdpa,
+        "mask": mask,
         "logits": logits,
         "logits_grad": logits_grad,
     }
     vis = model.config.vision_config
-    images = b * images_per_sample
-    vision_trained = "vision" not in freeze
     sv = model.tokens_per_image()
-    if vision_trained and images:
-        v_layer = layer_activation_bytes(sv, images, vis.hidden_size, vis.num_attention_heads, act_bytes)
+    if shape["mode"] == "samples":
+        images = shape["rows"] * images_per_sample
+    else:  # a budget holds at most this many (unpooled) images
+        images = n // sv if images_per_sample else 0
+    if "vision" not in freeze and images:
+        v_layer = layer_activation_bytes(sv * images, sv, vis.hidden_size, vis.num_attention_heads, act_bytes)
         v_layer_sdpa = layer_activation_bytes(
-            sv, images, vis.hidden_size, vis.num_attention_heads, act_bytes, False
+            sv * images, sv, vis.hidden_size, vis.num_attention_heads, act_bytes, False
         )
         v_layers = vis.num_hidden_layers
         v_inputs = v_layers * sv * images * vis.hidden_size * act_bytes
@@ -272,176 +320,21 @@ def activations(model, freeze, s: int, b: int, images_per_sample: int, act_bytes
     }
     for key in ("full", "checkpointed"):
         table = out[key]
-        table["stored"] = table["llm"] + table["vision"] + logits
-        table["stored_sdpa"] = table["llm_sdpa"] + table["vision_sdpa"] + logits
+        table["stored"] = table["llm"] + table["vision"] + mask + logits
+        table["stored_sdpa"] = table["llm_sdpa"] + table["vision_sdpa"] + mask + logits
         table["total"] = table["stored"] + logits_grad
         table["total_sdpa"] = table["stored_sdpa"] + logits_grad
     return out
 
 
-# ---------------------------------------------------------------- configs and the command
-def settings_from_yaml(path: str | Path) -> dict[str, Any]:
-    """What ``plan`` needs from a LightningCLI YAML: model spec, freeze, fsdp, data sizes."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    model = data.get("model") or {}
-    fsdp = model.get("fsdp") or {}
-    precision = str((data.get("trainer") or {}).get("precision") or "")
-    d = data.get("data") or {}
-    return {
-        "spec": model.get("model") or {"config": {}},
-        "freeze": ["vision"]
-        if model.get("freeze") is None
-        else list(model["freeze"]),  # MMSceneModule's default
-        "param_dtype": fsdp.get("param_dtype") or ("bfloat16" if "bf16" in precision else None),
-        "reduce_dtype": fsdp.get("reduce_dtype", "float32"),
-        "hybrid": bool(fsdp.get("hybrid", False)),
-        "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
-        "max_length": d.get("max_length", 4096),
-        "micro_batch": d.get("batch_size", 8),
-    }
-
-
+# ---------------------------------------------------------------- the command (mmscene.launch.plan_cli)
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        help="LightningCLI YAML: model.model, model.freeze, model.fsdp, data.max_length/batch_size",
-    )
-    parser.add_argument(
-        "--model",
-        help="an LLM preset (qwen1.5-0.5b-chat, qwen1.5-7b-chat) or config.json path; "
-        "with --config it replaces model.model (e.g. a hub checkpoint that is not on this machine)",
-    )
-    parser.add_argument(
-        "--vision", default="siglip-so400m-patch14-384-26l", help="vision preset with --model"
-    )
-    parser.add_argument("--nodes", type=int, required=True)
-    parser.add_argument("--gpus-per-node", type=int, required=True)
-    parser.add_argument(
-        "--max-length", type=int, help="tokens per sample (default: data.max_length, else 4096)"
-    )
-    parser.add_argument(
-        "--micro-batch", type=int, help="samples per GPU and step (default: data.batch_size, else 1)"
-    )
-    parser.add_argument("--images-per-sample", type=int, default=1, help="for the vision tower's activations")
-    parser.add_argument("--freeze", nargs="*", help="parts not trained (default: model.freeze, else vision)")
-    parser.add_argument(
-        "--param-dtype", help="FSDP2 compute dtype (default: model.fsdp.param_dtype, else bfloat16)"
-    )
-    parser.add_argument(
-        "--hybrid", action="store_true", default=None, help="shard within a node, replicate across"
-    )
-    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    from mmscene.launch.plan_cli import add_plan_arguments as add
+
+    add(parser)
 
 
 def plan_main(args: argparse.Namespace) -> int:
-    from mmscene.model.config import MultimodalConfig
+    from mmscene.launch.plan_cli import plan_main as main
 
-    if not args.config and not args.model:
-        raise SystemExit("mmscene plan: give --config X.yaml, --model PRESET, or both")
-    if args.config:
-        s = settings_from_yaml(args.config)
-    else:
-        s = {
-            "freeze": ["vision"],
-            "param_dtype": "bfloat16",
-            "reduce_dtype": "float32",
-            "hybrid": False,
-            "activation_checkpointing": False,
-            "max_length": 4096,
-            "micro_batch": 1,
-        }
-    if args.model:
-        config = MultimodalConfig(vision=args.vision, text=args.model)
-    else:
-        from mmscene.train.module import model_config
-
-        try:
-            config = model_config(s["spec"])
-        except Exception as err:  # noqa: BLE001 - e.g. a hub id while offline: say what to do instead
-            raise SystemExit(
-                f"mmscene plan: cannot read the model config of {args.config} ({type(err).__name__}: {err}); "
-                "add --model PRESET (e.g. qwen1.5-7b-chat) to plan with a preset of the same size"
-            ) from err
-    result = plan(
-        config,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        freeze=s["freeze"] if args.freeze is None else args.freeze,
-        max_length=args.max_length or s["max_length"],
-        micro_batch=args.micro_batch or s["micro_batch"],
-        images_per_sample=args.images_per_sample,
-        param_dtype=args.param_dtype or s["param_dtype"],
-        reduce_dtype=s["reduce_dtype"],
-        hybrid=s["hybrid"] if args.hybrid is None else args.hybrid,
-        activation_checkpointing=s["activation_checkpointing"],
-    )
-    if args.json:
-        json.dump(result.to_dict(), sys.stdout, indent=2)
-        print()
-    else:
-        print(format_plan(result))
-    return 0
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:9.2f} GiB"
-
-
-def format_plan(p: Plan) -> str:
-    names = {1: "fp8", 2: "bf16", 4: "fp32"}
-    lines = [f"mmscene plan: {p.nodes} node(s) x {p.gpus_per_node} GPU(s) = {p.world_size} GPUs"]
-    lines.append("")
-    lines.append(f"{'parameters':<12}{'total':>16}{'trainable':>16}")
-    for part in (*PARTS, "total"):
-        row = p.params[part]
-        lines.append(f"{part:<12}{row['total']:>16,}{row['trainable']:>16,}")
-    lines.append(f"frozen: {', '.join(p.freeze) or 'nothing'}")
-    lines.append(
-        f"FSDP2 units: {p.num_units} (largest {p.largest_unit:,} params) + root ({p.root_params:,} params)"
-    )
-    lines.append("")
-    group = (
-        f"{p.shard_size} GPUs of one node (hybrid: replicated across nodes)"
-        if p.hybrid
-        else f"{p.shard_size} GPUs"
-    )
-    lines.append(f"per GPU, FSDP2 sharded over {group}:")
-    m, pb, rb = names[p.master_bytes], names[p.param_bytes], names[p.reduce_bytes]
-    f, d = p.fsdp, p.ddp
-    rows = [
-        (f"{m} master parameters (P/N)", f["params"]),
-        (f"{m} gradients (T/N)", f["grads"]),
-        ("AdamW exp_avg + exp_avg_sq (2T/N)", f["optimizer"]),
-        (f"{pb} gathered params (root + 2 layers)", f["gathered"]),
-        (f"unsharded grads {pb}+{rb} (largest unit)", f["unsharded_grads"]),
-        ("= without activations", f["total_without_activations"]),
-    ]
-    lines += [f"  {label:<42}{_gib(value)}" for label, value in rows]
-    lines.append("per GPU, DDP (full replication), for comparison:")
-    lines.append(f"  {'params + grads + AdamW + grad buckets':<42}{_gib(d['total_without_activations'])}")
-    a = p.activations
-    lines.append("")
-    lines.append(
-        f"activations per GPU: max_length s={a['max_length']}, micro-batch b={a['micro_batch']}, "
-        f"{a['images']} image(s) x {a['vision_tokens_per_image']} tokens"
-    )
-    lines.append("  per decoder layer s*b*h*(34 + 5*a*s/h) bytes (Korthikanti et al. 2022, 16-bit);")
-    lines.append("  SDPA/flash attention does not store the 5*a*s/h score term; logits s*b*V*(2+4) bytes,")
-    lines.append("  and their gradients s*b*V*(4+2) bytes at the start of backward")
-    lines.append(f"  {'':<24}{'eager attention':>16}{'SDPA / flash':>16}")
-    for key, title in (("full", "no checkpointing"), ("checkpointed", "act. checkpointing")):
-        t = a[key]
-        mark = " <- configured" if (key == "checkpointed") == p.activation_checkpointing else ""
-        lines.append(f"  {title:<24}{_gib(t['total']):>16}{_gib(t['total_sdpa']):>16}{mark}")
-        lines.append(f"    {'LLM layers':<22}{_gib(t['llm']):>16}{_gib(t['llm_sdpa']):>16}")
-        lines.append(f"    {'vision layers':<22}{_gib(t['vision']):>16}{_gib(t['vision_sdpa']):>16}")
-    lines.append(f"    {'logits':<22}{_gib(a['logits']):>16}")
-    lines.append(f"    {'logits gradients':<22}{_gib(a['logits_grad']):>16}")
-    lines.append("")
-    ckpt = "with" if p.activation_checkpointing else "without"
-    lines.append(f"total per GPU ({ckpt} activation checkpointing, as configured):")
-    lines.append(f"  {'FSDP2, SDPA attention (transformers default)':<42}{_gib(f['total_sdpa'])}")
-    lines.append(f"  {'FSDP2, eager attention':<42}{_gib(f['total'])}")
-    lines.append(f"  {'DDP, SDPA attention':<42}{_gib(d['total_sdpa'])}")
-    lines.append("not included: CUDA context, NCCL buffers, allocator fragmentation (add ~10-20%)")
-    return "\n".join(lines)
+    return main(args)
