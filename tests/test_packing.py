@@ -1,5 +1,6 @@
 """Packed rows must compute exactly what the samples compute alone."""
 
+import pytest
 import torch
 from helpers import IMAGE_TOKEN, tiny_llava
 
@@ -33,12 +34,20 @@ def test_first_fit_never_exceeds_budget():
     assert all(sum([5, 9, 3, 7, 2, 8][i] for i in r) <= 10 for r in rows)
 
 
-def test_packed_logits_and_loss_equal_unpacked(tmp_path):
-    tiny_llava().save_pretrained(tmp_path / "hf")
-    model = load_checkpoint(tmp_path / "hf").eval()
-    samples = [_sample(2, 6, 1), _sample(0, 9, 2), _sample(1, 5, 3), _sample(3, 4, 4)]
-    rows = first_fit([s["input_ids"].shape[0] for s in samples], 40)
-    assert len(rows) < len(samples)  # something was actually packed
+def _cpu_implementations() -> list[str]:
+    found = ["eager", "sdpa"]
+    try:  # flex attention compiles its kernel; machines without a compiler cannot run it
+        import torch.nn.attention.flex_attention  # noqa: F401
+
+        found.append("flex_attention")
+    except ImportError:
+        pass
+    return found
+
+
+def _packed_vs_alone(model, samples, budget, expect_rows):
+    rows = first_fit([s["input_ids"].shape[0] for s in samples], budget)
+    assert len(rows) == expect_rows and len(rows) < len(samples)  # something was actually packed
     batch = packed_collate(samples, pad_id=0, rows=rows)
     with torch.no_grad():
         packed = model(
@@ -69,3 +78,49 @@ def test_packed_logits_and_loss_equal_unpacked(tmp_path):
         assert order == [int(m["key"]) - 1 for m in batch["meta"]]
     # same per-token mean as the unpacked samples
     assert abs(packed.loss.item() - total_loss / total_tokens) < 1e-5
+
+
+SAMPLES = [(2, 6, 1), (0, 9, 2), (1, 5, 3), (3, 4, 4)]  # 22, 9, 12, 25 tokens
+
+
+@pytest.mark.parametrize("implementation", _cpu_implementations())
+@pytest.mark.parametrize("budget,rows", [(80, 1), (40, 2)], ids=["1-row", "2-rows"])
+def test_packed_logits_and_loss_equal_unpacked(tmp_path, implementation, budget, rows):
+    tiny_llava().save_pretrained(tmp_path / "hf")
+    model = load_checkpoint(tmp_path / "hf", attn_implementation=implementation).eval()
+    assert model.language_model.config._attn_implementation == implementation
+    assert model.vision_tower.config._attn_implementation == implementation
+    _packed_vs_alone(model, [_sample(*a) for a in SAMPLES], budget, rows)
+
+
+def test_packed_rows_become_one_row_for_varlen_attention(tmp_path, monkeypatch):
+    """Flash attention finds packed samples from position ids only in a one-row batch: the core
+    flattens packed rows for it, and the result is still exact per sample."""
+    from mmscene.model import attention
+
+    tiny_llava().save_pretrained(tmp_path / "hf")
+    model = load_checkpoint(tmp_path / "hf", attn_implementation="sdpa").eval()
+    monkeypatch.setattr(attention, "needs_single_row", lambda impl: True)
+    shapes = []
+    model.language_model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    _packed_vs_alone(model, [_sample(*a) for a in SAMPLES], 40, 2)
+    assert shapes[0] == (1, 2 * 37), shapes  # two rows of width 37 went in as one
+    assert all(s[0] == 1 for s in shapes[1:])  # the samples alone: one row each
+
+
+def test_flash_attention_refused_without_flash_attn():
+    import importlib.util
+
+    from mmscene.model import attention
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ValueError, match="flash-attn"):
+        attention.resolve("flash_attention_2")
+    with pytest.raises(ValueError, match="not one of"):
+        attention.resolve("flash")
+    assert attention.resolve(None) == "sdpa"
+    assert attention.needs_single_row("flash_attention_2") and attention.needs_single_row("flex_attention")
+    assert not attention.needs_single_row("sdpa") and not attention.needs_single_row("eager")

@@ -6,7 +6,9 @@ block mask from the position ids for ``eager``, ``sdpa`` and ``flex_attention`` 
 size, while its flash-attention path derives ``cu_seqlens`` from position ids only when the
 batch has one row. :func:`needs_single_row` names the implementations for which the core
 flattens a packed batch into one row first (the varlen convention), so no token attends across
-samples whichever kernel runs.
+samples whichever kernel runs: flash attention, and flex attention, whose document mask skips
+the blocks between samples anyway (and whose CPU kernel of torch 2.13 fails to compile for a
+batch of several rows).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def resolve(name: str | None) -> str:
 
 def needs_single_row(implementation: str | None) -> bool:
     """Whether packed rows must be flattened into one row for this implementation."""
-    return "flash" in str(implementation or "")
+    name = str(implementation or "")
+    return "flash" in name or name == "flex_attention"
 
 
 def _has_flash_attn() -> bool:
