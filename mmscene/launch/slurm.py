@@ -3,8 +3,9 @@
 The script leans on Lightning's ``SLURMEnvironment`` (selected automatically when the
 processes run under ``srun``): it reads ranks from ``SLURM_PROCID`` / ``SLURM_LOCALID`` /
 ``SLURM_NODEID``, and with ``auto_requeue=True`` (its default) it installs a handler for the
-requeue signal (``requeue_signal``, SIGUSR1 unless configured). ``#SBATCH --signal=USR1@90``
-makes SLURM send that signal to every task 90 s before the time limit; each rank then saves
+requeue signal (``requeue_signal``, SIGUSR1 unless configured). ``#SBATCH --signal=USR1@<lead>``
+makes SLURM send that signal to every task ``lead`` seconds before the time limit (sized from
+the checkpoint with ``--signal-lead auto``, see :mod:`mmscene.launch.lead`); each rank then saves
 ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir`` and rank 0 runs ``scontrol requeue``.
 When the requeued job starts, ``Trainer.fit`` finds the highest ``hpc_ckpt_<n>.ckpt`` in that
 same folder and resumes from it (model, optimizer, loops, the data stream's position).
@@ -14,7 +15,8 @@ to be (mid-backward, between two collectives) and also in forked DataLoader work
 signals like every other process of the step (Lightning-AI/pytorch-lightning#21406). The
 generated script therefore adds :class:`mmscene.launch.requeue.SlurmRequeue`: it takes over the
 handler, only notes the signal, and saves the same ``hpc_ckpt_<n>.ckpt`` and requeues at the next
-optimizer-step boundary, all ranks together, so Lightning's resume path is unchanged.
+optimizer-step boundary (or between validation batches), all ranks together, so Lightning's
+resume path is unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class SlurmJob:
     chdir: str | None = None
     launcher: str = "mmscene"
     safe_requeue: bool = True
+    lead: Any = None  # the SignalLead signal_seconds was sized from (its reasoning goes into the script)
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -73,7 +76,12 @@ class SlurmJob:
         if self.time is not None and not _TIME.match(self.time):
             raise ValueError(f"--time {self.time!r}: use SLURM's format, e.g. 24:00:00 or 2-00:00:00")
         if self.signal_seconds < 1:
-            raise ValueError("--signal-seconds must be >= 1")
+            raise ValueError("--signal-lead must be >= 1 s")
+        if self.time is not None and self.signal_seconds >= time_limit_seconds(self.time):
+            raise ValueError(
+                f"--signal-lead {self.signal_seconds} s is not shorter than --time {self.time}: "
+                "the signal would come as soon as the job starts; ask for more time"
+            )
         self.requeue_signal = self.requeue_signal.upper().removeprefix("SIG")
 
     @property
@@ -150,8 +158,14 @@ class SlurmJob:
         sb("#SBATCH --open-mode=append     # a requeued run appends to the same log files")
         sb(f"#SBATCH --output={out}/%x-%j.out")
         sb(f"#SBATCH --error={out}/%x-%j.err")
+        lines.append("")
+        if self.lead is not None:
+            lines += self.lead.comment(self.requeue_signal)
+        else:
+            lines.append(
+                f"# Requeue signal {self.signal_seconds} s before the time limit (--signal-lead {self.signal_seconds})."
+            )
         lines += [
-            "",
             f"# On {self.requeue_signal} the ranks write hpc_ckpt_<n>.ckpt into trainer.default_root_dir",
             f"# ({root});",
             "# rank 0 requeues the job, and the requeued job resumes from the newest one.",
@@ -169,6 +183,19 @@ class SlurmJob:
         lines.append("srun --kill-on-bad-exit=1 " + shlex.join(self.fit_command()))
         lines.append('echo "mmscene: job ${SLURM_JOB_ID} training exited $(date -Is)"')
         return "\n".join(lines) + "\n"
+
+
+def time_limit_seconds(limit: str) -> int:
+    """SLURM's ``--time``: minutes, minutes:seconds, hours:minutes:seconds, or days-hours[:minutes[:seconds]]."""
+    days, _, rest = limit.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        hours, minutes, seconds = parts
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return (((int(days or 0) * 24 + hours) * 60) + minutes) * 60 + seconds
 
 
 def uses_model_parallel(config: Path, extra: list[str]) -> bool:
@@ -249,10 +276,37 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
         "--cpu", action="store_true", help="CPU processes with gloo instead of GPUs (tests, dry runs)"
     )
     parser.add_argument(
+        "--signal-lead",
         "--signal-seconds",
-        type=int,
-        default=90,
-        help="send the requeue signal this long before the time limit",
+        dest="signal_lead",
+        type=_lead,
+        default="auto",
+        metavar="auto|SECONDS",
+        help="send the requeue signal this long before the time limit; auto (default): step + "
+        "checkpoint write + margin, sized from the config's model (see docs/slurm.md)",
+    )
+    parser.add_argument(
+        "--checkpoint-write-gbps",
+        type=float,
+        default=1.0,
+        help="with auto: GB/s (10^9 bytes/s, not gigabits) one node writes to default_root_dir (default 1)",
+    )
+    parser.add_argument(
+        "--step-seconds",
+        type=float,
+        default=60.0,
+        help="with auto: the longest optimizer step, validation batch or validation scoring (default 60)",
+    )
+    parser.add_argument(
+        "--signal-margin", type=float, default=30.0, help="with auto: seconds on top (default 30)"
+    )
+    parser.add_argument(
+        "--model",
+        help="with auto: an LLM preset (e.g. qwen1.5-7b-chat) standing in for the config's model "
+        "(a hub checkpoint not on this machine)",
+    )
+    parser.add_argument(
+        "--vision", default="siglip-so400m-patch14-384-26l", help="vision preset with --model"
     )
     parser.add_argument(
         "--requeue-signal",
@@ -273,10 +327,38 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write", metavar="FILE", help="also write the script to FILE")
 
 
-def slurm_main(args: argparse.Namespace) -> int:
-    import sys
+def _lead(value: str) -> str | int:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or whole seconds, got {value!r}") from None
 
-    job = SlurmJob(
+
+def signal_lead(args: argparse.Namespace, config: Path, extra: list[str]):
+    """``--signal-lead auto``: the :class:`~mmscene.launch.lead.SignalLead` for the job's config."""
+    from mmscene.launch.lead import lead_for_config
+
+    return lead_for_config(
+        config,
+        nodes=args.nodes,
+        sharded=uses_model_parallel(config, extra),
+        preset=args.model,
+        vision=args.vision,
+        write_gbps=args.checkpoint_write_gbps,
+        step_seconds=args.step_seconds,
+        margin_seconds=args.signal_margin,
+    )
+
+
+def job_from_args(args: argparse.Namespace) -> SlurmJob:
+    lead = None
+    if args.signal_lead == "auto":
+        probe = SlurmJob(config=args.config, chdir=args.chdir)
+        extra = [token for item in args.extra for token in shlex.split(item)]
+        lead = signal_lead(args, probe.config_path(), extra)
+    return SlurmJob(
         config=args.config,
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
@@ -289,12 +371,22 @@ def slurm_main(args: argparse.Namespace) -> int:
         output=args.output,
         extra=list(args.extra),
         cpu=args.cpu,
-        signal_seconds=args.signal_seconds,
+        signal_seconds=lead.seconds if lead is not None else args.signal_lead,
         requeue_signal=args.requeue_signal,
         chdir=args.chdir,
         launcher=args.launcher,
         safe_requeue=not args.lightning_requeue,
+        lead=lead,
     )
+
+
+def slurm_main(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        job = job_from_args(args)
+    except ValueError as err:
+        raise SystemExit(f"mmscene slurm: {err}") from err
     for problem in check_config(args.config):
         print(f"mmscene slurm: warning: {problem}", file=sys.stderr)
     # SLURM opens --output/--error before the script runs: the folder must exist at submission.
