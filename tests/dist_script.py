@@ -147,7 +147,41 @@ def parse() -> argparse.Namespace:
     p.add_argument("--validate", action="store_true", help="validate (generate) after the last step")
     p.add_argument("--no-reshard-after-forward", action="store_true")
     p.add_argument("--freeze-vision", action="store_true")
+    p.add_argument("--pretrained", default=None, help="start from this checkpoint directory")
+    p.add_argument("--probe-loading", action="store_true", help="record how each rank built the model")
     return p.parse_args()
+
+
+class ProbeLoading(L.Callback):
+    """Per rank: how often the full model was built, whether the parameters were still on meta
+    when the weights were distributed, and the weights training starts from."""
+
+    def __init__(self, out: Path):
+        import mmscene.train.module as module
+        import mmscene.train.sharding as sharding
+
+        self.out, self.record = out, {"full_builds": 0, "meta_before_load": []}
+        build, load = module.build_model, sharding.load_into_shards
+
+        def counted_build(*args, **kwargs):
+            self.record["full_builds"] += 1
+            return build(*args, **kwargs)
+
+        def checked_load(model, full_state, device):
+            self.record["meta_before_load"].append(all(p.is_meta for p in model.parameters()))
+            return load(model, full_state, device)
+
+        module.build_model, sharding.load_into_shards = counted_build, checked_load
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        (self.out / f"loading-rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+        state = get_model_state_dict(
+            pl_module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if trainer.is_global_zero:
+            torch.save({k: v.clone() for k, v in state.items()}, self.out / "initial.pt")
 
 
 def main() -> None:
@@ -161,7 +195,7 @@ def main() -> None:
     m, d = cfg["model"], cfg["data"]
     fsdp = {"reshard_after_forward": not args.no_reshard_after_forward}
     module = MMSceneModule(
-        model=m["model"],
+        model={"pretrained": args.pretrained} if args.pretrained else m["model"],
         freeze=["vision"] if args.freeze_vision else m["freeze"],
         lr=m["lr"],
         warmup_steps=2,
@@ -189,7 +223,7 @@ def main() -> None:
         strategy = DDPStrategy(process_group_backend="gloo")
     else:
         strategy = "auto"
-    callbacks = [Record(args.out)]
+    callbacks = [Record(args.out)] + ([ProbeLoading(args.out)] if args.probe_loading else [])
     if args.kill_at:
         callbacks.append(
             L.pytorch.callbacks.ModelCheckpoint(

@@ -12,7 +12,9 @@ import torch
 TESTS = Path(__file__).resolve().parent
 
 
-def _run(out: Path, strategy: str, devices: int, steps: int, data: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run(
+    out: Path, strategy: str, devices: int, steps: int, data: Path, *extra: str
+) -> subprocess.CompletedProcess:
     env = dict(
         os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1"
     )
@@ -47,7 +49,9 @@ def single(tmp_path_factory, demo_data):
     [("single", 1, 2), ("ddp", 2, 2), ("fsdp2", 2, 2)],
     ids=["1proc-2micro", "ddp-2x2", "fsdp2-2x2"],
 )
-def test_step_is_the_mean_over_all_labelled_tokens(tmp_path, demo_data, single, strategy, devices, accumulate):
+def test_step_is_the_mean_over_all_labelled_tokens(
+    tmp_path, demo_data, single, strategy, devices, accumulate
+):
     """The same global batch as 1 micro-batch, as 2 micro-batches, and as 2 ranks x 2 micro-batches
     with unequal labelled-token counts: same gradients, same logged loss, same weights."""
     done = _run(tmp_path, strategy, devices, 4, demo_data, "--accumulate", str(accumulate))
@@ -57,7 +61,11 @@ def test_step_is_the_mean_over_all_labelled_tokens(tmp_path, demo_data, single, 
     counts = [n for s in got for part in s["labels"] for n in part]
     assert len(set(counts)) > 1, counts  # micro-batches really differ in labelled tokens
     for a, b in zip(ref, got):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (
+            a["step"],
+            a["loss"],
+            b["loss"],
+        )
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trains
     ga, gb = _load(single / "grads.pt"), _load(tmp_path / "grads.pt")
     assert sorted(ga) == sorted(gb) and ga
@@ -100,6 +108,30 @@ def test_export_hf_from_sharded_fsdp2_checkpoint(tmp_path, demo_data):
     export_hf_and_compare(ckpt, tmp_path / "hf")
 
 
+def test_consolidation_reads_no_optimizer_state(tmp_path, demo_data, monkeypatch):
+    """Reading a sharded checkpoint for export plans and reads the model's tensors only."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mmscene.train.checkpoint import read_training_checkpoint
+
+    done = _run(tmp_path / "run", "fsdp2", 2, 6, demo_data, "--mode", "stream", "--kill-at", "3")
+    assert done.returncode != 0
+    ckpt = next((tmp_path / "run" / "ckpts").glob("*step=2*"))
+    stored = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert any(k.startswith("optimizer_0.") for k in stored)  # the states are there to be skipped
+    read: list[str] = []
+    original = FileSystemReader.read_data
+
+    def spy(self, plan, planner):
+        read.extend(item.storage_index.fqn for item in plan.items)
+        return original(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", spy)
+    state = read_training_checkpoint(ckpt)["state_dict"]
+    assert read and all(k.startswith("state_dict.") for k in read), sorted(set(read))[:5]
+    assert len(state) == len({k for k in stored if k.startswith("state_dict.")})
+
+
 def _unsharded_answers(out: Path, demo_data: Path, freeze_vision: bool) -> dict[str, str]:
     """Validation answers of the run's final weights, one process, no sharding."""
     import lightning as L
@@ -114,9 +146,15 @@ def _unsharded_answers(out: Path, demo_data: Path, freeze_vision: bool) -> dict[
     module.configure_model()
     module.model.load_state_dict(_load(out / "weights.pt"))
     d = cfg["data"]
-    dm = MMSceneDataModule(tokenizer=d["tokenizer"], val=d["val"], scenarios=d["scenarios"], eval_batch_size=8)
+    dm = MMSceneDataModule(
+        tokenizer=d["tokenizer"], val=d["val"], scenarios=d["scenarios"], eval_batch_size=8
+    )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=str(out / "ref")
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(out / "ref"),
     )
     trainer.validate(module, datamodule=dm)
     rows = [json.loads(line) for line in (out / "ref" / "predictions.jsonl").read_text().splitlines()]
@@ -144,3 +182,33 @@ def test_fsdp2_fit_validates_like_the_unsharded_model(tmp_path, demo_data, devic
     # answers that tell weights apart: never empty, and not one answer for every input
     assert all(sharded.values()) and len(set(sharded.values())) >= 2, sharded
     assert sharded == _unsharded_answers(tmp_path, demo_data, "--freeze-vision" in extra)
+
+
+def test_fsdp2_ranks_never_hold_the_full_model(tmp_path, demo_data):
+    """Two ranks start from a saved checkpoint: only rank 0 builds the full model, every rank's
+    parameters are still on meta when the weights are distributed, and training starts from
+    exactly the saved weights."""
+    from train_helpers import tiny_config
+
+    from mmscene.train.module import MMSceneModule
+
+    cfg = tiny_config(demo_data, tmp_path)
+    cfg["model"]["model"]["config"]["text"]["tie_word_embeddings"] = False
+    module = MMSceneModule(model=cfg["model"]["model"])
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)  # not a fresh init: a swapped tensor would show
+    module.model.save_pretrained(tmp_path / "saved")
+    saved = {k: v.clone() for k, v in module.model.state_dict().items()}
+    done = _run(
+        tmp_path / "run", "fsdp2", 2, 1, demo_data, "--pretrained", str(tmp_path / "saved"), "--probe-loading"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    probes = [json.loads((tmp_path / "run" / f"loading-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [p["full_builds"] for p in probes] == [1, 0]
+    assert [p["meta_before_load"] for p in probes] == [[True], [True]]
+    initial = _load(tmp_path / "run" / "initial.pt")
+    assert sorted(initial) == sorted(saved)
+    for name, value in saved.items():
+        assert torch.equal(initial[name], value), name

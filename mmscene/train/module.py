@@ -81,13 +81,15 @@ class MMSceneModule(L.LightningModule):
             self.model = self._prepare(build_model(self.spec, self.model_config, self.attn_implementation))
             return
         # Sharded: only rank 0 builds the full model; every rank shards a meta skeleton.
-        full = None
-        if self.global_rank == 0:
-            full = build_model(self.spec, self.model_config, self.attn_implementation)
-        self.model = self._prepare(skeleton(self.model_config, self.attn_implementation))
-        sharding.shard(self, self.hparams.fsdp or {})
-        sharding.load_into_shards(self.model, None if full is None else full.state_dict(), self.device)
-        del full
+        cfg = self.hparams.fsdp or {}
+        self.model = sharding.build_sharded(
+            self.global_rank,
+            lambda: build_model(self.spec, self.model_config, self.attn_implementation),
+            lambda: self._prepare(skeleton(self.model_config, self.attn_implementation)),
+            sharding.mesh_of(self, cfg),
+            cfg,
+            self.device,
+        )
 
     def _prepare(self, model: MultimodalLM) -> MultimodalLM:
         for part in PARTS:
@@ -129,7 +131,9 @@ class MMSceneModule(L.LightningModule):
             position_ids=batch.get("position_ids"),
             image_pooling=batch.get("image_pooling"),
         )
-        loss_sum, count = token_loss_sum(out.logits, batch["labels"], self.model.config.image_token_id, batch["input_ids"])
+        loss_sum, count = token_loss_sum(
+            out.logits, batch["labels"], self.model.config.image_token_id, batch["input_ids"]
+        )
         done = torch.stack([loss_sum.detach(), count])
         self._window = done if self._window is None else self._window + done
         n = batch["input_ids"].shape[0]
@@ -305,7 +309,9 @@ def model_config(spec: dict[str, Any]) -> MultimodalConfig:
     return MultimodalConfig(vision=hf_config_dict(vision), text=hf_config_dict(text), **extra)
 
 
-def build_model(spec: dict[str, Any], config: MultimodalConfig, attn_implementation: str | None = None) -> MultimodalLM:
+def build_model(
+    spec: dict[str, Any], config: MultimodalConfig, attn_implementation: str | None = None
+) -> MultimodalLM:
     """The full model with its weights (random for ``config``, read for the others)."""
     if "config" in spec:
         return MultimodalLM(config, attn_implementation)

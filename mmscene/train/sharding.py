@@ -13,6 +13,7 @@ slices; rank 0 alone builds the full model (weights read once) and
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,19 +39,37 @@ def data_parallel_group(module):
     return dist.group.WORLD
 
 
-def shard(module, cfg: dict[str, Any]) -> None:
-    """``fully_shard`` the module's core in place (its parameters may still be on meta)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+def check_options(cfg: dict[str, Any]) -> None:
     unknown = sorted(set(cfg) - {"param_dtype", "reduce_dtype", "reshard_after_forward", "hybrid"})
     if unknown:
         raise ValueError(f"model.fsdp: unknown keys {unknown}")
-    mesh = _mesh(module, bool(cfg.get("hybrid", False)))
+
+
+def build_sharded(
+    rank: int,
+    build_full: Callable[[], torch.nn.Module],
+    build_skeleton: Callable[[], torch.nn.Module],
+    mesh,
+    cfg: dict[str, Any],
+    device,
+) -> torch.nn.Module:
+    """The sharded model, its weights read by rank 0 only (``build_full``) and broadcast."""
+    full = build_full() if rank == 0 else None
+    model = build_skeleton()
+    shard(model, mesh, cfg)
+    load_into_shards(model, None if full is None else full.state_dict(), device)
+    return model
+
+
+def shard(model: torch.nn.Module, mesh, cfg: dict[str, Any]) -> None:
+    """``fully_shard`` the core in place (its parameters may still be on meta)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    check_options(cfg)
     policy = MixedPrecisionPolicy(
         param_dtype=_DTYPES[cfg.get("param_dtype")], reduce_dtype=_DTYPES[cfg.get("reduce_dtype", "float32")]
     )
     kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.get("reshard_after_forward", True))
-    model = module.model
     for layer in shard_units(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
@@ -101,6 +120,11 @@ def shard_units(model) -> list[torch.nn.Module]:
         # unit so the root does not hold them whole. Tied ones share a tensor and stay at the root.
         units += [lm.get_input_embeddings(), lm.get_output_embeddings()]
     return units
+
+
+def mesh_of(module, cfg: dict[str, Any]):
+    """The data-parallel mesh of Lightning's ModelParallelStrategy, or its 2-D HSDP form."""
+    return _mesh(module, bool(cfg.get("hybrid", False)))
 
 
 def _mesh(module, hybrid: bool):
