@@ -24,7 +24,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from mmscene.model.config import DEFAULT_IMAGE_TOKEN_ID, MultimodalConfig, hf_config_dict, load_preset
 from mmscene.model.core import MultimodalLM
-from mmscene.model.weights import read_weights, write_weights
+from mmscene.model.weights import LazyWeights, write_weights
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,15 @@ def load_checkpoint(
 ) -> MultimodalLM:
     folder = _resolve_dir(path)
     raw, fmt = _raw_config(folder)
-    state = read_weights(folder)
-    config = _config(fmt, raw, state, folder, overrides)
+    weights = LazyWeights(folder)
+    config = _config(fmt, raw, weights.shapes, folder, overrides)
+    names = {k: k for k in weights.shapes}  # model key -> checkpoint key
     if fmt == "llava-hf":
-        state = _remap(state, _llava_hf_key)
+        names = _remap(names, _llava_hf_key)
     elif fmt == "llava_qwen":
-        state = _remap(state, _llava_qwen_key)
+        names = _remap(names, _llava_qwen_key)
     model = build_empty(config, dtype, attn_implementation)
-    _load_state(model, state, source=f"{fmt} checkpoint {folder}")
+    _load_state(model, names, weights, source=f"{fmt} checkpoint {folder}")
     model.tokenizer = _maybe_tokenizer(folder)
     return model
 
@@ -191,27 +192,33 @@ def _llava_qwen_key(key: str) -> str | None:
     return _apply_rules(_LLAVA_QWEN_RULES, key)
 
 
-def _load_state(model: MultimodalLM, state: dict[str, torch.Tensor], source: str) -> None:
+def _load_state(model: MultimodalLM, names: dict[str, str], weights: LazyWeights, source: str) -> None:
+    """Copy each checkpoint tensor into its parameter, one at a time, after checking that names
+    and shapes match exactly (a missing weight is an error, never a random tensor)."""
     expected = model.state_dict()
     tied = bool(getattr(model.config.text_config, "tie_word_embeddings", False))
-    unexpected = sorted(k for k in state if k not in expected and not _UNUSED.match(k))
+    unexpected = sorted(k for k in names if k not in expected and not _UNUSED.match(k))
     if unexpected:
         raise CheckpointError(f"{source} holds tensors the model does not have: {unexpected[:20]}")
     missing = sorted(
         k
         for k in expected
-        if k not in state and not _UNUSED.match(k) and not (tied and k == "language_model.lm_head.weight")
+        if k not in names and not _UNUSED.match(k) and not (tied and k == "language_model.lm_head.weight")
     )
     if missing:
         raise CheckpointError(
             f"{source} is missing weights: {missing[:20]}" + (" ..." if len(missing) > 20 else "")
         )
-    for key, value in state.items():
-        if key in expected and value.shape != expected[key].shape:
+    for key, stored in names.items():
+        shape = weights.shapes[stored]
+        if key in expected and shape != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{source}: tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(expected[key].shape)}"
+                f"{source}: tensor {key} has shape {shape}, the model expects {tuple(expected[key].shape)}"
             )
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    with torch.no_grad():
+        for key, stored in names.items():
+            if key in expected:
+                expected[key].copy_(weights.read(stored))
     if tied:
         model.language_model.tie_weights()
 

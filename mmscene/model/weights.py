@@ -37,6 +37,28 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+class LazyWeights:
+    """Names and shapes of a weight folder's tensors; each tensor is read only when asked for,
+    so a model loads with one tensor in flight instead of a second copy of every weight."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in weight_files(folder):
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    self.where[key] = file
+                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
+
+    def read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[key]), "pt") as f:
+            return f.get_tensor(key)
+
+
 def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str | int = "5GB") -> None:
     """Write ``state`` as safetensors; shared (tied) tensors must be removed by the caller."""
     folder = Path(folder)
