@@ -48,7 +48,7 @@ class LazyWeights:
         self.shapes: dict[str, tuple[int, ...]] = {}
         for file in weight_files(folder):
             with safe_open(str(file), "pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     self.where[key] = file
                     self.shapes[key] = tuple(f.get_slice(key).get_shape())
 
