@@ -68,23 +68,6 @@ class StepModel(L.LightningModule):
         return DataLoader(torch.zeros(VAL_BATCHES, 1), batch_size=1)
 
 
-@pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol.calls"
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
-    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mmscene", "SLURM_JOB_ID": "4242"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"):
-        monkeypatch.setenv(key, "0")
-    return calls
-
-
 def _fit(root, model: StepModel) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu",

@@ -176,23 +176,12 @@ def test_cli_prints_script_and_makes_log_dir(tmp_path, capsys):
     assert "default_root_dir is not set" in captured.err  # hpc checkpoints would land in the job's cwd
 
 
-def test_requeue_callback_saves_at_a_step_boundary(tmp_path, monkeypatch):
+def test_requeue_callback_saves_at_a_step_boundary(tmp_path, fake_slurm):
     """The callback, without SLURM daemons: a fake ``scontrol`` records the requeue."""
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "scontrol.calls"
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
-    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "mmscene", "SLURM_JOB_ID": "4242"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"):
-        monkeypatch.setenv(key, "0")
+    calls = fake_slurm
 
     class SignalledAtStep3(BoringModel):
         def training_step(self, batch, batch_idx):
