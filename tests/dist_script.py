@@ -249,6 +249,35 @@ def main() -> None:
         use_distributed_sampler=False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=args.ckpt)
+    if args.validate:  # the other generating stages, on the same sharded weights
+        trainer.test(module, datamodule=_eval_datamodule(args, d, test=d["val"]))
+        trainer.predict(
+            module, datamodule=_eval_datamodule(args, d, predict=_prompts(args)), return_predictions=False
+        )
+
+
+def _eval_datamodule(args, d: dict, **kwargs) -> MMSceneDataModule:
+    return MMSceneDataModule(
+        tokenizer=d["tokenizer"],
+        scenarios=d["scenarios"],
+        eval_batch_size=8,
+        max_length=d["max_length"],
+        predict_media_root=str(args.data / "raw" / "media"),
+        predict_output=str(args.out / "answers.jsonl"),
+        **kwargs,
+    )
+
+
+def _prompts(args) -> str:
+    """The demo validation questions as ``mmscene predict`` prompts (media paths, no answers)."""
+    rows = []
+    for line in (args.data / "raw" / "val.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        row = {k: r[k] for k in ("id", "image", "video", "mesh") if k in r}
+        rows.append({**row, "prompt": r["conversations"][0]["value"]})
+    path = args.out / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 if __name__ == "__main__":

@@ -168,17 +168,23 @@ def _unsharded_answers(out: Path, demo_data: Path, freeze_vision: bool) -> dict[
 )
 def test_fsdp2_fit_validates_like_the_unsharded_model(tmp_path, demo_data, devices, extra):
     """Generation under FSDP2 (the 7B recipe's validation) scores every task, and its answers are
-    those of the same weights unsharded."""
+    those of the same weights unsharded; test and predict generate on the sharded weights too."""
     done = _run(tmp_path, "fsdp2", devices, 2, demo_data, "--mode", "stream", "--validate", *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in (tmp_path / "results.json").read_text().splitlines()]
-    assert results and results[-1]["step"] == 2
-    scores = results[-1]["scores"]
+    vals = [r for r in results if r["stage"] == "val"]
+    assert [r["step"] for r in vals] == [2]
+    scores = vals[0]["scores"]
     for scenario in ("single_image", "multi_image", "video", "3d"):
         assert any(k.startswith(f"{scenario}/") for k in scores), (scenario, sorted(scores))
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     sharded = {r["key"]: r["prediction"] for r in rows}
     assert len(sharded) == 16  # every validation sample once, padding dropped
+    tests = [r for r in results if r["stage"] == "test"]  # trainer.test on the same weights
+    assert len(tests) == 1 and tests[0]["scores"] == scores
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["id"] for a in answers) == sorted(sharded)  # trainer.predict: one answer per prompt
+    assert all(a["answer"] for a in answers)
     # answers that tell weights apart: never empty, and not one answer for every input
     assert all(sharded.values()) and len(set(sharded.values())) >= 2, sharded
     assert sharded == _unsharded_answers(tmp_path, demo_data, "--freeze-vision" in extra)
