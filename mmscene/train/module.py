@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from mmscene.model.config import MultimodalConfig
 from mmscene.model.core import IGNORE_INDEX, MultimodalLM
 from mmscene.train import sharding
 from mmscene.train.evaluation import Scoreboard
+
+log = logging.getLogger(__name__)
 
 PARTS = ("vision", "projector", "llm")
 _ATTR = {"vision": "vision_tower", "projector": "projector", "llm": "language_model"}
@@ -36,6 +39,9 @@ class MMSceneModule(L.LightningModule):
         attn_implementation: attention kernel of tower and LLM: ``sdpa``, ``eager``,
             ``flash_attention_2``, ``flex_attention`` or ``auto`` (null; flash-attention 2 where
             installed on a GPU, else SDPA). Packed rows never attend across samples with any.
+        nonfinite_loss: when a step's loss is NaN or infinite: ``stop`` raises, naming the step's
+            samples and scenarios on every rank; ``skip`` logs them, drops the step's gradients
+            (no parameter or optimizer-state update) and counts it in ``train/nonfinite_steps``.
 
     The loss of an optimizer step is the mean over all labelled tokens of its micro-batches on all
     data-parallel ranks (see :meth:`backward`), and ``train/loss`` logs that same mean.
@@ -54,6 +60,7 @@ class MMSceneModule(L.LightningModule):
         activation_checkpointing: bool = False,
         fsdp: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
+        nonfinite_loss: str = "stop",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -71,7 +78,11 @@ class MMSceneModule(L.LightningModule):
         self.model: MultimodalLM | None = None
         self.tokenizer = None  # set by the data module
         self.scoreboard: Scoreboard | None = None
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss: {nonfinite_loss!r} is not 'stop' or 'skip'")
         self._window = None  # (loss sum, labelled tokens) of the micro-batches of this optimizer step
+        self._window_samples: list[tuple[str, str]] = []  # (key, scenario), for a non-finite loss
+        self._nonfinite_steps = 0
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -136,6 +147,7 @@ class MMSceneModule(L.LightningModule):
         )
         done = torch.stack([loss_sum.detach(), count])
         self._window = done if self._window is None else self._window + done
+        self._window_samples += [(m["key"], m["scenario"]) for m in batch["meta"]]
         n = batch["input_ids"].shape[0]
         if batch.get("real_tokens") is not None:  # packed rows: count samples' tokens, not row padding
             tokens = float(batch["real_tokens"])
@@ -165,16 +177,45 @@ class MMSceneModule(L.LightningModule):
         if group is not None:
             torch.distributed.all_reduce(window, group=group)
         replicas = 1 if group is None else torch.distributed.get_world_size(group)
+        samples, self._window_samples = self._window_samples, []
         loss_total, tokens = window[0], window[1].clamp(min=1)
         self._step_loss = loss_total / tokens
+        if not bool(torch.isfinite(loss_total)):  # the same on every rank: the sum was all-reduced
+            self._nonfinite(samples, group)
+            return
         scale = self.trainer.accumulate_grad_batches * replicas / tokens
         for p in self.model.parameters():
             if p.grad is not None:
                 grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                 grad.mul_(scale.to(grad.dtype))
 
+    def _nonfinite(self, samples: list[tuple[str, str]], group) -> None:
+        if group is not None:
+            parts: list = [None] * torch.distributed.get_world_size(group)
+            torch.distributed.all_gather_object(parts, samples, group=group)
+            samples = [s for part in parts for s in part]
+        scenarios = sorted({scenario for _, scenario in samples})
+        message = (
+            f"non-finite loss ({float(self._step_loss)}) at step {self.global_step}; its samples: "
+            f"{[key for key, _ in samples]} (scenarios {scenarios})"
+        )
+        if self.hparams.nonfinite_loss == "stop":
+            raise FloatingPointError(message + "; set model.nonfinite_loss: skip to skip such steps")
+        log.warning("%s: step skipped", message)
+        for p in self.model.parameters():
+            p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
+        self._nonfinite_steps += 1
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self._nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/loss", self._step_loss, prog_bar=True, batch_size=1, sync_dist=False)
+        if self.hparams.nonfinite_loss == "skip":
+            self.log("train/nonfinite_steps", float(self._nonfinite_steps), batch_size=1, sync_dist=False)
 
     def configure_optimizers(self):
         groups = []
