@@ -99,6 +99,25 @@ def test_resume_continues_the_exact_sequence(tmp_path):
     assert batches[-1]["_data_state"]["state"]["skips"].get("toy/corrupt_media", 0) >= 1
 
 
+def test_formatting_does_not_predict_the_next_source(tmp_path):
+    """The formatting draw of sample d (here: the Toy plugin's first rng value) and the source of
+    sample d + 1 come from independent streams: knowing one says nothing about the other."""
+    write_shards(tmp_path / "a", "a", 20, 5)
+    write_shards(tmp_path / "b", "b", 20, 5)
+    stream = iter(make(tmp_path))
+    keys, values = [], []
+    for _ in range(600):  # 2400 samples, in draw order
+        batch = next(stream)
+        keys += batch["keys"]
+        values += [float(v) for v in batch["draws"]]
+    next_is_a = {True: [], False: []}
+    for value, key in zip(values, keys[1:]):
+        next_is_a[value < 0.75].append(key.startswith("a"))
+    for low, outcomes in next_is_a.items():
+        share = sum(outcomes) / len(outcomes)
+        assert abs(share - 0.75) < 0.06, (low, share, len(outcomes))  # source a has weight 3 of 4
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_get_disjoint_samples_and_never_starve(tmp_path, world):
     # one tiny shard per source, fewer shards than ranks: every rank still yields batches

@@ -2,7 +2,8 @@
 
 Each DataLoader worker ("slot") owns one slice of every source. Which source feeds the next
 sample is a pure function of ``(seed, rank, slot, draw)``, and formatting randomness (in-front
-vs interleaved placement) is seeded the same way, so a slot's future depends only on its
+vs interleaved placement) is another, independent one (:mod:`mmscene.data.seeds`), so a slot's
+future depends only on its
 declarative state: the draw counter and its streams' cursors. Every batch carries that state;
 the data module keeps the last state of each slot that the trainer consumed and resumes from it.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmscene.data.batching import TokenBudget
+from mmscene.data.seeds import FORMAT, SOURCE, rng_for
 from mmscene.data.skips import SkipCounter
 from mmscene.data.stream import ShardStream, expand_shards
 from mmscene.scenario import Scenario, SkipSample
@@ -73,10 +75,10 @@ class WeightedChoice:
     def __init__(self, weights: list[float], seed: int, rank: int, slot: int):
         total = sum(weights)
         self.cum = list(accumulate(w / total for w in weights))
-        self.prefix = f"{seed}-{rank}-{slot}"
+        self.key = (seed, rank, slot)
 
     def __call__(self, draw: int) -> int:
-        u = random.Random(f"{self.prefix}-{draw}").random()
+        u = rng_for(SOURCE, *self.key, draw).random()
         return min(bisect_right(self.cum, u), len(self.cum) - 1)
 
 
@@ -159,7 +161,7 @@ class MixedBatches(IterableDataset):
                 source = self.sources[choose(draw)]
                 draw += 1
                 raw = next(iters[source.name])
-                rng = random.Random(f"{self.seed}-{self.rank}-{slot}-{draw}")
+                rng = rng_for(FORMAT, self.seed, self.rank, slot, draw - 1)
                 sample = self._prepare(source, raw, rng, skips)
                 if sample is not None and budget and len(sample["input_ids"]) > budget.row_capacity:
                     skips.add(
@@ -216,7 +218,7 @@ class MixedBatches(IterableDataset):
             raw = next(iters[source.name])
             if d not in wanted:
                 continue  # emitted or skipped before the checkpoint: read past it, no decoding
-            rng = random.Random(f"{self.seed}-{self.rank}-{slot}-{d + 1}")
+            rng = rng_for(FORMAT, self.seed, self.rank, slot, d)
             sample = self._prepare(source, raw, rng, quiet)
             if sample is None:
                 log.warning(

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
-import random
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+
+from mmscene.data.seeds import SHARD_ORDER, rng_for
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class ShardStream:
     def _order(self, epoch: int) -> list[str]:
         order = list(self.shards)
         if self.shuffle:
-            random.Random(f"{self.seed}-{self.name}-{self.slice_id}-{epoch}").shuffle(order)
+            rng_for(SHARD_ORDER, self.seed, self.name, self.slice_id, epoch).shuffle(order)
         return order
 
     def state_dict(self) -> dict[str, Any]:
