@@ -314,6 +314,7 @@ class EvalSamples(IterableDataset):
             raise RuntimeError(
                 "evaluation loaders run with num_workers <= 1 so that every rank sees its share once"
             )
+        self.skips = SkipCounter()  # counts of this pass (one evaluation), not of every pass so far
         index = 0
         emitted = 0
         last = None

@@ -31,3 +31,56 @@ class WritePredictions(L.Callback):
                 for row in sorted(rows, key=lambda r: r["id"]):
                     f.write(json.dumps(row) + "\n")
             print(f"wrote {len(rows)} answers to {path}")
+
+
+def summed_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """``scenario/reason`` counts added up over all ranks (a collective: every rank calls it)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(counts)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(counts))
+    total: dict[str, int] = {}
+    for part in parts:
+        for key, n in part.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def print_skips(title: str, counts: dict[str, int]) -> None:
+    """A table of skipped samples per scenario and reason (nothing when none were skipped)."""
+    if not counts:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("scenario", "reason", "samples"):
+        table.add_column(column, justify="right" if column == "samples" else "left")
+    for key, n in sorted(counts.items()):
+        scenario, _, reason = key.partition("/")
+        table.add_row(scenario, reason, str(n))
+    Console(stderr=True).print(table)
+
+
+class SkipReport(L.Callback):
+    """Training skips as metrics ``data/skipped/<scenario>/<reason>`` (summed over ranks, every
+    ``log_every_n_steps`` steps) and as a table when training ends."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (
+            batch_idx + 1
+        ) % trainer.accumulate_grad_batches or trainer.global_step % trainer.log_every_n_steps:
+            return
+        counts = summed_over_ranks(_train_skips(trainer))
+        if counts:
+            pl_module.log_dict({f"data/skipped/{k}": float(v) for k, v in counts.items()}, sync_dist=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        counts = summed_over_ranks(_train_skips(trainer))
+        if trainer.is_global_zero:
+            print_skips("skipped training samples (all ranks)", counts)
+
+
+def _train_skips(trainer) -> dict[str, int]:
+    skipped = getattr(trainer.datamodule, "skipped", None)
+    return skipped() if callable(skipped) else {}

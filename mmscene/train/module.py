@@ -285,14 +285,18 @@ class MMSceneModule(L.LightningModule):
         return [tok.decode(row, skip_special_tokens=True).strip() for row in new]
 
     def _publish(self, stage: str) -> None:
+        from mmscene.train.callbacks import print_skips, summed_over_ranks
+
         results, predictions = self.scoreboard.compute(self.trainer)
+        skipped = summed_over_ranks(_eval_skips(self.trainer, stage))
         for name, value in results.items():
             self.log(f"{stage}/{name}", value, rank_zero_only=True, sync_dist=False)
         # ``trainer.log_dir`` broadcasts from rank 0: every rank must ask for it.
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             out.mkdir(parents=True, exist_ok=True)
-            record = {"step": self.global_step, "stage": stage, "scores": results}
+            record = {"step": self.global_step, "stage": stage, "scores": results, "skipped": skipped}
+            print_skips(f"skipped {stage} samples (all ranks)", skipped)
             with open(out / "results.json", "a") as f:
                 f.write(json.dumps(record) + "\n")
             with open(out / "predictions.jsonl", "w") as f:
@@ -310,9 +314,20 @@ class MMSceneModule(L.LightningModule):
         ]
 
     def configure_callbacks(self):
-        from mmscene.train.callbacks import WritePredictions
+        from mmscene.train.callbacks import SkipReport, WritePredictions
 
-        return [WritePredictions()]
+        return [WritePredictions(), SkipReport()]
+
+
+def _eval_skips(trainer, stage: str) -> dict[str, int]:
+    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    total: dict[str, int] = {}
+    for loader in loaders:
+        skips = getattr(getattr(loader, "dataset", None), "skips", None)
+        for key, n in (skips.state_dict() if skips is not None else {}).items():
+            total[key] = total.get(key, 0) + n
+    return total
 
 
 def lr_lambda(warmup: int, total: int | None, min_ratio: float):

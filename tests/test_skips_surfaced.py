@@ -1,0 +1,73 @@
+"""Skipped samples reach the user as numbers: training metrics, a table, and results.json."""
+
+import csv
+import io
+import json
+import shutil
+import tarfile
+
+import lightning as L
+from train_helpers import tiny_config
+
+from mmscene.train.datamodule import MMSceneDataModule
+from mmscene.train.module import MMSceneModule
+
+
+def _corrupt_first_image(shard):
+    """Rewrite ``shard`` with the first sample's image bytes replaced by garbage."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    victim = next(m.name for m, _ in members if m.name.endswith(".0.png"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b"not an image" if member.name == victim else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return victim.split(".")[0]
+
+
+def test_skips_are_logged_tabled_and_recorded(tmp_path, demo_data, capfd):
+    data = tmp_path / "demo"
+    shutil.copytree(demo_data, data)
+    train_shards = sorted((data / "train" / "single_image").glob("*.tar"))
+    for shard in train_shards:
+        _corrupt_first_image(shard)
+    val_key = _corrupt_first_image(sorted((data / "val" / "multi_image").glob("*.tar"))[0])
+    cfg = tiny_config(data, tmp_path)
+    m, d = cfg["model"], cfg["data"]
+    module = MMSceneModule(model=m["model"], lr=m["lr"], max_new_tokens=2)
+    dm = MMSceneDataModule(
+        tokenizer=d["tokenizer"],
+        train=d["train"],
+        val=d["val"],
+        scenarios=d["scenarios"],
+        batch_size=8,
+        eval_batch_size=8,
+        max_length=512,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        val_check_interval=6,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=2,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, datamodule=dm)
+    with open(next((tmp_path / "logs").rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    logged = [
+        float(r["data/skipped/single_image/corrupt_media"])
+        for r in rows
+        if r.get("data/skipped/single_image/corrupt_media")
+    ]
+    assert logged and logged[-1] >= 1 and logged == sorted(logged)  # a running total, as steps pass
+    assert logged[-1] <= dm.skipped()["single_image/corrupt_media"]  # what the stream state counted
+    results = [json.loads(line) for f in tmp_path.rglob("results.json") for line in f.open()]
+    assert results[-1]["skipped"] == {"multi_image/corrupt_media": 1}, (val_key, results[-1])
+    err = capfd.readouterr().err
+    assert "skipped training samples" in err and "skipped val samples" in err and "corrupt_media" in err
