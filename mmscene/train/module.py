@@ -13,9 +13,10 @@ import torch
 
 from mmscene.model import attention
 from mmscene.model.config import MultimodalConfig
-from mmscene.model.core import IGNORE_INDEX, MultimodalLM
+from mmscene.model.core import MultimodalLM
 from mmscene.train import sharding
 from mmscene.train.evaluation import Scoreboard
+from mmscene.train.loss import scale_gradients, token_loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +184,7 @@ class MMSceneModule(L.LightningModule):
         if not bool(torch.isfinite(loss_total)):  # the same on every rank: the sum was all-reduced
             self._nonfinite(samples, group)
             return
-        scale = self.trainer.accumulate_grad_batches * replicas / tokens
-        for p in self.model.parameters():
-            if p.grad is not None:
-                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                grad.mul_(scale.to(grad.dtype))
+        scale_gradients(self.model.parameters(), self.trainer.accumulate_grad_batches * replicas / tokens)
 
     def _nonfinite(self, samples: list[tuple[str, str]], group) -> None:
         if group is not None:
@@ -387,14 +384,3 @@ def skeleton(config: MultimodalConfig, attn_implementation: str | None = None) -
 
     with sharding.meta_parameters():
         return build_empty(config, attn_implementation=attn_implementation)
-
-
-def token_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, image_token_id: int, input_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (fp32) over labelled positions, and their count."""
-    labels = labels.masked_fill(input_ids == image_token_id, IGNORE_INDEX)  # images never carry loss
-    targets = labels[:, 1:].reshape(-1)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    loss = torch.nn.functional.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (targets != IGNORE_INDEX).sum().to(loss.dtype)
