@@ -281,4 +281,9 @@ def _prompts(args) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from mmscene.train.cli import release_process_group
+
+    try:
+        main()
+    finally:
+        release_process_group()

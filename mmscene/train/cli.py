@@ -27,4 +27,19 @@ def build_cli(args: list[str] | None = None) -> MMSceneCLI:
 
 
 def lightning_main(args: list[str] | None = None) -> None:
-    build_cli(args)
+    try:
+        build_cli(args)
+    finally:
+        release_process_group()
+
+
+def release_process_group() -> None:
+    """Destroy the default process group once the run is over.
+
+    Left to interpreter shutdown, gloo's worker threads can be torn down mid-destruction and the
+    process aborts ("terminate called without an active exception") after a finished run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
