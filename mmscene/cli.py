@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     from mmscene.launch.slurm import add_slurm_arguments
 
     add_slurm_arguments(sub.add_parser("slurm", help="print an sbatch script for multi-node `mmscene fit`"))
-    from mmscene.launch.plan import add_plan_arguments
+    from mmscene.launch.plan_cli import add_plan_arguments
 
     add_plan_arguments(
         sub.add_parser("plan", help="parameters, FSDP2 memory per GPU and activations before launching")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return slurm_main(args)
     if args.command == "plan":
-        from mmscene.launch.plan import plan_main
+        from mmscene.launch.plan_cli import plan_main
 
         return plan_main(args)
     return 2

@@ -41,7 +41,6 @@ on top.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Any
 
@@ -325,16 +324,3 @@ def activations(
         table["total"] = table["stored"] + logits_grad
         table["total_sdpa"] = table["stored_sdpa"] + logits_grad
     return out
-
-
-# ---------------------------------------------------------------- the command (mmscene.launch.plan_cli)
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    from mmscene.launch.plan_cli import add_plan_arguments as add
-
-    add(parser)
-
-
-def plan_main(args: argparse.Namespace) -> int:
-    from mmscene.launch.plan_cli import plan_main as main
-
-    return main(args)
