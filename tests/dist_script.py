@@ -23,7 +23,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 from train_helpers import KillAt, tiny_config
@@ -32,6 +31,7 @@ from mmscene.data.collate import pad_collate
 from mmscene.data.mixer import EvalSamples, Source
 from mmscene.train.datamodule import MMSceneDataModule, load_tokenizer
 from mmscene.train.module import MMSceneModule
+from mmscene.train.ranks import from_all_ranks
 
 SCENARIOS = ("single_image", "multi_image", "video", "3d")
 GLOBAL_BATCH = 8
@@ -76,14 +76,6 @@ class FixedSamples(L.LightningDataModule):
         )
 
 
-def _gather(obj):
-    if not dist.is_initialized():
-        return [obj]
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
 class Record(L.Callback):
     """Per optimizer step: the logged loss, keys and label counts; first-step gradients; final weights."""
 
@@ -110,7 +102,7 @@ class Record(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        keys, labels = _gather(self.keys), _gather(self.labels)
+        keys, labels = from_all_ranks(self.keys), from_all_ranks(self.labels)
         self.keys, self.labels = [], []
         loss = float(trainer.callback_metrics["train/loss"])
         if trainer.is_global_zero:

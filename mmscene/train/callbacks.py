@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import lightning as L
-import torch.distributed as dist
+
+from mmscene.train.ranks import concatenated, from_all_ranks
 
 
 class WritePredictions(L.Callback):
@@ -19,11 +20,7 @@ class WritePredictions(L.Callback):
         self.rows.extend(outputs or [])
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        rows = self.rows
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, rows)
-            rows = [r for part in parts for r in part]
+        rows = concatenated(self.rows)
         if trainer.is_global_zero:
             path = Path(getattr(trainer.datamodule, "predict_output", "predictions.jsonl"))
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,12 +32,8 @@ class WritePredictions(L.Callback):
 
 def summed_over_ranks(counts: dict[str, int]) -> dict[str, int]:
     """``scenario/reason`` counts added up over all ranks (a collective: every rank calls it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(counts)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, dict(counts))
     total: dict[str, int] = {}
-    for part in parts:
+    for part in from_all_ranks(dict(counts)):
         for key, n in part.items():
             total[key] = total.get(key, 0) + n
     return total

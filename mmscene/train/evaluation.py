@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch.distributed as dist
-
 from mmscene.registry import get_scenario
+from mmscene.train.ranks import concatenated
 
 
 class Scoreboard:
@@ -62,12 +61,4 @@ class Scoreboard:
         if every:
             # LLaVA-Interleave Bench: unweighted mean over task categories.
             results["overall"] = sum(every) / len(every)
-        return results, self._gather(self.predictions)
-
-    @staticmethod
-    def _gather(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return rows
-        everything: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everything, rows)
-        return [row for part in everything for row in part]
+        return results, concatenated(self.predictions)

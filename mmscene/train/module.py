@@ -17,6 +17,7 @@ from mmscene.model.core import MultimodalLM
 from mmscene.train import sharding
 from mmscene.train.evaluation import Scoreboard
 from mmscene.train.loss import scale_gradients, token_loss_sum
+from mmscene.train.ranks import concatenated
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,7 @@ class MMSceneModule(L.LightningModule):
         scale_gradients(self.model.parameters(), self.trainer.accumulate_grad_batches * replicas / tokens)
 
     def _nonfinite(self, samples: list[tuple[str, str]], group) -> None:
-        if group is not None:
-            parts: list = [None] * torch.distributed.get_world_size(group)
-            torch.distributed.all_gather_object(parts, samples, group=group)
-            samples = [s for part in parts for s in part]
+        samples = concatenated(samples, group)
         scenarios = sorted({scenario for _, scenario in samples})
         message = (
             f"non-finite loss ({float(self._step_loss)}) at step {self.global_step}; its samples: "
