@@ -216,9 +216,8 @@ def _load_state(model: MultimodalLM, names: dict[str, str], weights: LazyWeights
                 f"{source}: tensor {key} has shape {shape}, the model expects {tuple(expected[key].shape)}"
             )
     with torch.no_grad():
-        for key, stored in names.items():
-            if key in expected:
-                expected[key].copy_(weights.read(stored))
+        for key, tensor in weights.read({k: v for k, v in names.items() if k in expected}):
+            expected[key].copy_(tensor)
     if tied:
         model.language_model.tie_weights()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -30,13 +30,6 @@ def weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no safetensors weights in {folder}{hint}")
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for file in weight_files(folder):
-        state.update(load_file(str(file)))
-    return state
-
-
 class LazyWeights:
     """Names and shapes of a weight folder's tensors; each tensor is read only when asked for,
     so a model loads with one tensor in flight instead of a second copy of every weight."""
@@ -52,11 +45,18 @@ class LazyWeights:
                     self.where[key] = file
                     self.shapes[key] = tuple(f.get_slice(key).get_shape())
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, keys: dict[str, str]):
+        """``(name, tensor)`` for each ``name -> stored key`` of ``keys``, one tensor at a time,
+        each file opened once."""
         from safetensors import safe_open
 
-        with safe_open(str(self.where[key]), "pt") as f:
-            return f.get_tensor(key)
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for name, stored in keys.items():
+            by_file.setdefault(self.where[stored], []).append((name, stored))
+        for file, wanted in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                for name, stored in wanted:
+                    yield name, f.get_tensor(stored)
 
 
 def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str | int = "5GB") -> None:
