@@ -182,8 +182,7 @@ class MultimodalLM(nn.Module):
             labels = labels.reshape(1, -1) if labels is not None else None
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
         if labels is not None:
-            # Image positions never carry loss, whatever the caller's labels say.
-            labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+            labels = self.loss_labels(labels, input_ids)
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -195,6 +194,10 @@ class MultimodalLM(nn.Module):
         if out.logits is not None and out.logits.shape[:2] != rows:
             out.logits = out.logits.reshape(*rows, -1)
         return out
+
+    def loss_labels(self, labels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Image positions never carry loss, whatever the caller's labels say."""
+        return labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
 
     @torch.no_grad()
     def generate(

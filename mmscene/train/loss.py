@@ -14,11 +14,8 @@ import torch
 from mmscene.model.core import IGNORE_INDEX
 
 
-def token_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, image_token_id: int, input_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy (fp32) over labelled positions, and their count."""
-    labels = labels.masked_fill(input_ids == image_token_id, IGNORE_INDEX)  # images never carry loss
     targets = labels[:, 1:].reshape(-1)
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     loss = torch.nn.functional.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -123,30 +123,15 @@ class MMSceneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, Any]):
-        return self.model(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"),
-            position_ids=batch.get("position_ids"),
-            image_pooling=batch.get("image_pooling"),
-        )
+        return self.model(**_core_inputs(batch), labels=batch.get("labels"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         last = not self.trainer.fit_loop._should_accumulate()  # Lightning's own accumulation test
         if sharding.is_model_parallel(self):
             # FSDP2 reduce-scatters only on the last micro-batch of a window (DDP's no_sync).
             self.model.set_requires_gradient_sync(last)
-        out = self.model(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            image_pooling=batch.get("image_pooling"),
-        )
-        loss_sum, count = token_loss_sum(
-            out.logits, batch["labels"], self.model.config.image_token_id, batch["input_ids"]
-        )
+        logits = self.model(**_core_inputs(batch)).logits  # no labels: the loss is summed here
+        loss_sum, count = token_loss_sum(logits, self.model.loss_labels(batch["labels"], batch["input_ids"]))
         done = torch.stack([loss_sum.detach(), count])
         self._window = done if self._window is None else self._window + done
         self._window_samples += [(m["key"], m["scenario"]) for m in batch["meta"]]
@@ -312,6 +297,16 @@ class MMSceneModule(L.LightningModule):
         from mmscene.train.callbacks import SkipReport, WritePredictions
 
         return [WritePredictions(), SkipReport()]
+
+
+def _core_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "input_ids": batch["input_ids"],
+        "pixel_values": batch["pixel_values"],
+        "attention_mask": batch.get("attention_mask"),
+        "position_ids": batch.get("position_ids"),
+        "image_pooling": batch.get("image_pooling"),
+    }
 
 
 def _eval_skips(trainer, stage: str) -> dict[str, int]:
