@@ -6,6 +6,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from mmscene.train.datamodule import MMSceneDataModule
 from mmscene.train.module import MMSceneModule
+from mmscene.train.trainer import MMSceneTrainer
 
 
 class MMSceneCLI(LightningCLI):
@@ -18,6 +19,7 @@ def build_cli(args: list[str] | None = None) -> MMSceneCLI:
     return MMSceneCLI(
         MMSceneModule,
         MMSceneDataModule,
+        trainer_class=MMSceneTrainer,  # atomic checkpoints, resume from the newest complete one
         args=args,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
