@@ -14,7 +14,7 @@ import torch
 
 from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT, QWEN_1_5_TEMPLATE
 from mmscene.model.core import IGNORE_INDEX
-from mmscene.model.preprocess import preprocess_images
+from mmscene.model.preprocess import MEAN, STD, normalisation, preprocess_images
 from mmscene.scenario import IMAGE_PLACEHOLDER, Prompt, SkipSample
 
 
@@ -27,6 +27,8 @@ class ImageGeometry:
     tokens_per_image: int
     tokens_per_pooled_image: int
     pad_to_square: bool = True
+    image_mean: tuple[float, ...] = MEAN  # the tower's normalisation (mmscene.model.preprocess)
+    image_std: tuple[float, ...] = STD
 
     @classmethod
     def of(cls, model, pad_to_square: bool = True) -> ImageGeometry:
@@ -36,6 +38,7 @@ class ImageGeometry:
             tokens_per_image=model.tokens_per_image(),
             tokens_per_pooled_image=model.tokens_per_image(pooled=True),
             pad_to_square=pad_to_square,
+            **normalisation(model.config.vision_config.model_type),
         )
 
 
@@ -180,7 +183,9 @@ class PromptEncoder:
         g = self.geometry
         images = prompt.images[:n_images]
         return {
-            "pixel_values": preprocess_images(images, g.image_size, pad=g.pad_to_square),
+            "pixel_values": preprocess_images(
+                images, g.image_size, g.pad_to_square, g.image_mean, g.image_std
+            ),
             "image_pooling": torch.tensor(prompt.pooled[:n_images], dtype=torch.bool),
         }
 
