@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -47,18 +48,35 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", default=None, help="tokenizer folder (default: the one the run trained with)"
     )
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--drop-frame-pooling",
+        action="store_true",
+        help="hf only: export a model trained with model.config.frame_pool_stride > 1 without its video "
+        "frame pooling (transformers Llava has none); refused otherwise",
+    )
 
 
 def export_main(args: argparse.Namespace, fmt: str) -> int:
+    from mmscene.model.formats import CheckpointError
     from mmscene.train.datamodule import load_tokenizer
 
     module, ckpt = load_module_from_checkpoint(args.checkpoint)
     model = module.model
     if args.dtype:
         model = model.to(getattr(torch, args.dtype))
-    tokenizer_path = args.tokenizer or (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer")
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    tokenizer_path = args.tokenizer or data.get("tokenizer")
     if tokenizer_path:
         model.tokenizer = load_tokenizer(tokenizer_path)
-    out = model.save_pretrained(args.out, format=fmt)
+    options = {}
+    if fmt == "llava-hf":
+        # The processor pads (or not) as this run's data module did; its default is to pad.
+        options = {"pad_to_square": bool(data.get("pad_to_square", True))}
+        options["drop_frame_pooling"] = args.drop_frame_pooling
+    try:
+        out = model.save_pretrained(args.out, format=fmt, **options)
+    except CheckpointError as err:  # a refusal with its reason, not a traceback
+        print(f"mmscene export: error: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {fmt} checkpoint to {out}")
     return 0
