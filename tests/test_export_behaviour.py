@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from mmscene import CheckpointError, MultimodalConfig, MultimodalLM
-from mmscene.data.chat_template import QWEN_1_5_TEMPLATE
+from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
 from mmscene.data.encode import ImageGeometry, PromptEncoder
 from mmscene.data.local_tokenizer import train_tokenizer
 from mmscene.model.config import hf_config_dict
@@ -55,9 +55,7 @@ TOWERS = {  # name -> (vision config, vision_feature_select, positions per image
 @pytest.fixture(scope="module")
 def tokenizer():
     corpus = ["What differs between these pictures?", "A cat, a cup of coffee and a rocket."] * 20
-    tok = train_tokenizer(corpus, vocab_size=320)
-    tok.chat_template = QWEN_1_5_TEMPLATE
-    return tok
+    return train_tokenizer(corpus, vocab_size=320)  # ChatML template, <image> among its specials
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +99,10 @@ def prompt_of(images: list[Image.Image]) -> Prompt:
     )
 
 
-def chatml_text(encoder: PromptEncoder, prompt: Prompt) -> str:
-    """The prompt as text with one <image> per image: what a transformers user hands the processor."""
-    return encoder._render(encoder._messages(prompt.conversation), add_generation_prompt=True)
+def chatml_text(processor: LlavaProcessor, prompt: Prompt) -> str:
+    """The prompt rendered by the exported processor's own chat template, one <image> per image."""
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *prompt.conversation]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 @pytest.mark.parametrize("pad", [True, False], ids=["pad", "no-pad"])
@@ -122,7 +121,7 @@ def test_exported_llava_answers_like_mmscene(tmp_path, tokenizer, images, tower,
     # transformers: only what the export directory holds
     processor = LlavaProcessor.from_pretrained(tmp_path, backend="pil")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    theirs = processor(text=chatml_text(encoder, prompt), images=images, return_tensors="pt")
+    theirs = processor(text=chatml_text(processor, prompt), images=images, return_tensors="pt")
 
     torch.testing.assert_close(theirs["pixel_values"], pixels, atol=1e-5, rtol=0)
     assert theirs["input_ids"].tolist() == ids.tolist()  # <image> expanded to the core's count
@@ -179,7 +178,7 @@ def test_frame_pooling_is_refused_unless_dropped_loudly(tmp_path, tokenizer, ima
     encoder = PromptEncoder(tokenizer, ImageGeometry.of(model))
     prompt = prompt_of(images[:2])
     ours = encoder.encode_for_generation(prompt)
-    theirs = processor(text=chatml_text(encoder, prompt), images=images[:2], return_tensors="pt")
+    theirs = processor(text=chatml_text(processor, prompt), images=images[:2], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(
             hf(**theirs).logits,
