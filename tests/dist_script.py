@@ -3,11 +3,19 @@
     python tests/dist_script.py --out DIR --strategy single|ddp|fsdp2 --devices N --steps S --data DIR
         [--mode fixed|stream] [--micro-batch B] [--accumulate A] [--ckpt PATH] [--kill-at K]
         [--validate] [--no-reshard-after-forward] [--freeze-vision]
+        [--checkpoint-every N] [--crash STEP:PHASE[:SAVE]]
 
 ``fixed``: a fixed list of encoded demo samples read in order (a DistributedSampler splits it), so
 any ranks x micro-batch x accumulation with the same product sees the same global batches; the
 samples are ordered so that micro-batches hold unequal numbers of labelled tokens.
 ``stream``: mmscene's own data module (mixer, resumable state, validation sources).
+
+``--ckpt last`` resumes from the newest complete checkpoint (``mmscene.train.resume``).
+``--checkpoint-every N`` keeps ``ckpts/last.ckpt`` and the newest ``ckpts/epoch=0-step=S.ckpt``;
+``--crash`` SIGKILLs every rank at optimizer step STEP: ``step`` as it starts, ``written`` once
+save SAVE (0: the step checkpoint, 1: ``last.ckpt``) is written but not renamed, ``swap`` after
+the old ``last.ckpt`` was moved aside and before the new one is renamed in, ``remove`` halfway
+through deleting the previous step checkpoint.
 
 Writes ``steps.jsonl`` (per optimizer step: logged train/loss, sample keys, labelled tokens per
 micro-batch and rank), ``grads.pt`` (full gradients of the first step), ``weights.pt`` (final).
@@ -17,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import random
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +43,7 @@ from mmscene.data.mixer import EvalSamples, Source
 from mmscene.train.datamodule import MMSceneDataModule, load_tokenizer
 from mmscene.train.module import MMSceneModule
 from mmscene.train.ranks import from_all_ranks
+from mmscene.train.trainer import MMSceneTrainer
 
 SCENARIOS = ("single_image", "multi_image", "video", "3d")
 GLOBAL_BATCH = 8
@@ -141,7 +153,73 @@ def parse() -> argparse.Namespace:
     p.add_argument("--freeze-vision", action="store_true")
     p.add_argument("--pretrained", default=None, help="start from this checkpoint directory")
     p.add_argument("--probe-loading", action="store_true", help="record how each rank built the model")
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--crash", default=None, help="STEP:PHASE[:SAVE], see the module docstring")
     return p.parse_args()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Crash(L.Callback):
+    """SIGKILLs this rank at a chosen point of optimizer step ``step`` (every rank runs one)."""
+
+    def __init__(self, spec: str):
+        import mmscene.train.atomic as atomic
+
+        step, self.phase, *save = spec.split(":")
+        self.step, self.save = int(step), int(save[0]) if save else 1
+        self.saves = 0  # saves at this step so far
+        self.armed = self.removing = False
+        publish, move_aside = MMSceneTrainer._publish, atomic.move_aside
+        remove, delete = atomic.remove, atomic.delete
+        save_checkpoint = MMSceneTrainer.save_checkpoint
+        crash = self
+
+        def counted_save(trainer, *args, **kwargs):
+            if trainer.global_step == crash.step:
+                n, crash.saves = crash.saves, crash.saves + 1
+                # Rank 0 alone renames and deletes, and dies there; the others then fail in
+                # their next collective (had they died first, Lightning's launcher would kill
+                # rank 0 before it got there).
+                crash.armed = crash.phase == "swap" and n == 1
+            return save_checkpoint(trainer, *args, **kwargs)
+
+        def publish_or_die(trainer, partial, final):
+            if (
+                crash.phase == "written"
+                and trainer.global_step == crash.step
+                and crash.saves - 1 == crash.save
+            ):
+                _die()
+            return publish(trainer, partial, final)
+
+        def move_aside_and_die(path):
+            aside = move_aside(path)
+            if crash.armed and aside is not None:
+                _die()
+            return aside
+
+        def remove_flagged(path):
+            crash.removing = crash.phase == "remove" and crash.saves == 1
+            try:
+                return remove(path)
+            finally:
+                crash.removing = False
+
+        def delete_and_die(path):
+            if crash.removing and path.name.startswith(atomic.REMOVING) and path.exists():
+                _die()  # renamed, not yet deleted
+            return delete(path)
+
+        MMSceneTrainer.save_checkpoint, MMSceneTrainer._publish = counted_save, publish_or_die
+        atomic.move_aside, atomic.delete = move_aside_and_die, delete_and_die
+        atomic.remove = remove_flagged
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.phase == "step" and trainer.global_step >= self.step:
+            _die()
 
 
 class ProbeLoading(L.Callback):
@@ -178,6 +256,10 @@ class ProbeLoading(L.Callback):
 
 def main() -> None:
     args = parse()
+    handler = logging.StreamHandler()  # mmscene's log lines (which checkpoint resume took) on stderr
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("mmscene").addHandler(handler)
+    logging.getLogger("mmscene").setLevel(logging.INFO)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     random.seed(0)
@@ -216,6 +298,14 @@ def main() -> None:
     else:
         strategy = "auto"
     callbacks = [Record(args.out)] + ([ProbeLoading(args.out)] if args.probe_loading else [])
+    if args.checkpoint_every:
+        callbacks.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=args.out / "ckpts", every_n_train_steps=args.checkpoint_every, save_last=True
+            )
+        )
+    if args.crash:
+        callbacks.append(Crash(args.crash))
     if args.kill_at:
         callbacks.append(
             L.pytorch.callbacks.ModelCheckpoint(
@@ -223,14 +313,14 @@ def main() -> None:
             )
         )
         callbacks.append(KillAt(args.kill_at))
-    trainer = L.Trainer(
+    trainer = MMSceneTrainer(
         accelerator="cpu",
         devices=args.devices,
         strategy=strategy,
         max_steps=args.steps,
         accumulate_grad_batches=args.accumulate,
         logger=False,
-        enable_checkpointing=bool(args.kill_at),
+        enable_checkpointing=bool(args.kill_at or args.checkpoint_every),
         enable_progress_bar=False,
         callbacks=callbacks,
         limit_val_batches=None if args.validate else 0,
