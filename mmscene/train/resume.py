@@ -185,16 +185,16 @@ class ResumeConnector(_CheckpointConnector):
 
     def run_candidates(self) -> list[Candidate]:
         """Every checkpoint of the run: each ``ModelCheckpoint`` folder's and the hpc ones."""
-        folders = []
+        folders: dict[Path, None] = {}
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint):
-                # Where it saves (dirpath, else the logger's or default_root_dir's "checkpoints"),
-                # from the names ``_find_last_checkpoints`` lists.
+                # Where it saves this run: dirpath, else under the logger's version or
+                # default_root_dir, as Lightning's own "last" resolves it.
                 folder = callback.dirpath or _resolved_dir(callback, self.trainer)
                 if folder and _is_local_file_protocol(str(folder)):
-                    folders.append(Path(folder))
-        found = [c for folder in dict.fromkeys(folders) for c in candidates(folder)]
-        return found + [c for c in self.hpc_candidates() if c.path.parent not in folders]
+                    folders[Path(folder).resolve()] = None
+        found = [c for folder in folders for c in candidates(folder)]
+        return found + [c for c in self.hpc_candidates() if c.path.parent.resolve() not in folders]
 
 
 def _is_local_path(ckpt_path) -> bool:
