@@ -90,13 +90,15 @@ def _left_behind(phase: str, step: int) -> set[str]:
     }[phase]
 
 
-def _resumes_from(phase: str, step: int) -> tuple[str, int] | None:
-    """The checkpoint the next launch must take (newest complete) and its step; None: none."""
-    if phase == "step":
+def _newest_saved(phase: str, step: int, resumed_at: int, before: tuple[str, int] | None):
+    """The checkpoint renamed into place last (what the next launch must take) and its step,
+    after a launch that resumed at ``resumed_at`` and saved at steps ``resumed_at + 1 .. step``
+    (both checkpoints at each) until the kill."""
+    if phase == "step":  # killed as the next step started: step's saves were done
         return "last.ckpt", step
-    if phase == "written:0":  # the step checkpoint was not renamed in: last.ckpt is a step older
-        return ("last.ckpt", step - 1) if step > 1 else None
-    return f"epoch=0-step={step}.ckpt", step  # last.ckpt is a step older (or only moved aside)
+    if phase == "written:0":  # the step checkpoint was not renamed in
+        return ("last.ckpt", step - 1) if step - 1 > resumed_at else before
+    return f"epoch=0-step={step}.ckpt", step  # renamed in; last.ckpt was not
 
 
 def _temporaries(folder: Path) -> set[str]:
@@ -145,7 +147,7 @@ def test_killed_again_and_again_resumes_exactly(tmp_path, demo_data, uninterrupt
     context = f"{strategy}: MMSCENE_SOAK_SEED={seed} plan={points}"
     print(context)
     out, ckpts = tmp_path / "run", tmp_path / "run" / "ckpts"
-    expected = None  # (checkpoint name, step) the next launch must take
+    expected = None  # (checkpoint name, step) the next launch must take; None: a fresh start
     left: set[str] = set()  # temporaries the last kill left
     for step, phase in points + [(None, None)]:
         crash = ("--crash", f"{step}:{phase}") if step is not None else ()
@@ -166,7 +168,7 @@ def test_killed_again_and_again_resumes_exactly(tmp_path, demo_data, uninterrupt
         assert rc == -signal.SIGKILL, (where, rc, log[-3000:])
         left = _left_behind(phase, step)
         assert _temporaries(ckpts) == left, where  # what the kill left; earlier leftovers were cleaned
-        expected = _resumes_from(phase, step)
+        expected = _newest_saved(phase, step, records[0]["step"], expected)
     assert _temporaries(ckpts) == set(), context
     _assert_same_run(out, uninterrupted(strategy), context)
 
