@@ -96,7 +96,7 @@ def test_resume_continues_the_exact_sequence(tmp_path):
         assert got["keys"] == expected["keys"]
         assert got["draws"] == expected["draws"]  # formatting randomness continues too
     # the corrupt sample was counted, not silently dropped
-    assert batches[-1]["_data_state"]["state"]["skips"].get("toy/corrupt_media", 0) >= 1
+    assert batches[-1]["_data_state"]["state"]["skips"].get("a/corrupt_media", 0) >= 1
 
 
 def test_formatting_does_not_predict_the_next_source(tmp_path):

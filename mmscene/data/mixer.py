@@ -22,8 +22,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmscene.data.batching import TokenBudget
 from mmscene.data.seeds import FORMAT, SOURCE, rng_for
+from mmscene.data.shards import indexed_shard
 from mmscene.data.skips import SkipCounter
-from mmscene.data.stream import ShardStream, expand_shards
+from mmscene.data.stream import DEFAULT_SHUFFLE_BUFFER, ShardStream, expand_shards
 from mmscene.scenario import Scenario, SkipSample
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def check_sources(sources: list[Source]) -> dict[str, list[str]]:
         shards = expand_shards(s.shards)
         if not shards:
             raise FileNotFoundError(f"source {s.name!r}: no shards match {s.shards!r}")
+        for shard in shards:
+            indexed_shard(shard)  # a broken shard index is a broken dataset: say so at start
         found[s.name] = shards
     return found
 
@@ -96,9 +99,11 @@ class MixedBatches(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         tokens: TokenBudget | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ):
         """``tokens`` switches to token-budget batches (``collate(samples, rows)``, see
-        :mod:`mmscene.data.batching`); else batches of ``batch_size`` samples (``collate(samples)``)."""
+        :mod:`mmscene.data.batching`); else batches of ``batch_size`` samples (``collate(samples)``).
+        ``shuffle_buffer`` is the number of samples each stream shuffles among (0 or 1: in order)."""
         self.sources = sources
         self.shards = check_sources(sources)
         self.scenarios = scenarios
@@ -106,6 +111,7 @@ class MixedBatches(IterableDataset):
         self.collate = collate
         self.batch_size = batch_size
         self.tokens = tokens
+        self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.resume: dict[str, Any] | None = None  # {"consumed": n, "slots": {slot: state}}
@@ -127,7 +133,15 @@ class MixedBatches(IterableDataset):
         slice_id, n_slices = self.rank * n_slots + slot, self.world_size * n_slots
         skips = SkipCounter()
         streams = {
-            s.name: ShardStream(self.shards[s.name], slice_id, n_slices, self.seed, s.name, skips)
+            s.name: ShardStream(
+                self.shards[s.name],
+                slice_id,
+                n_slices,
+                self.seed,
+                s.name,
+                skips,
+                buffer_size=self.shuffle_buffer,
+            )
             for s in self.sources
         }
         choose = WeightedChoice([s.weight for s in self.sources], self.seed, self.rank, slot)
@@ -165,7 +179,7 @@ class MixedBatches(IterableDataset):
                 sample = self._prepare(source, raw, rng, skips)
                 if sample is not None and budget and len(sample["input_ids"]) > budget.row_capacity:
                     skips.add(
-                        source.scenario,
+                        source.name,
                         "longer_than_max_tokens",
                         f"{raw.get('__key__')}: {len(sample['input_ids'])} tokens > {budget.row_capacity}",
                     )
@@ -238,12 +252,12 @@ class MixedBatches(IterableDataset):
             sample = self.encode(prompt)
         except SkipSample as skip:
             skips.add(
-                source.scenario, skip.reason, f"{raw.get('__key__')} in {raw.get('__shard__')}: {skip.detail}"
+                source.name, skip.reason, f"{raw.get('__key__')} in {raw.get('__shard__')}: {skip.detail}"
             )
             return None
         except Exception as err:  # noqa: BLE001 - one bad sample must not end a multi-day run
             log.exception("unexpected error on sample %s", raw.get("__key__"))
-            skips.add(source.scenario, f"error_{type(err).__name__}", str(err))
+            skips.add(source.name, f"error_{type(err).__name__}", str(err))
             return None
         sample.update(
             key=prompt.key,

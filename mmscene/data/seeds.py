@@ -14,6 +14,8 @@ import random
 SOURCE = "source"  # which source feeds a draw
 FORMAT = "format"  # a plugin's formatting choices for a draw (placement, frame offsets, views)
 SHARD_ORDER = "shard-order"  # the order of a stream's shards in an epoch
+SHUFFLE = "shuffle"  # which buffered sample a stream gives next
+CONVERT_ORDER = "convert-order"  # the order the converter writes records in
 
 
 def rng_for(purpose: str, seed: int, *key: object) -> random.Random:

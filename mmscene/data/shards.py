@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -18,6 +19,10 @@ from pathlib import Path
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_GLOB = "shard-*.tar"
+# Beside the shards of a folder: each shard's sample count and size, so a reader can tell a
+# shard cut short at a tar block boundary (which reads as a clean, shorter tar) from a whole one.
+INDEX_NAME = "shards.json"
+INDEX_VERSION = 1
 MAX_KEY_CHARS = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _SUFFIX = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
@@ -58,7 +63,8 @@ class ShardWriter:
 
     Output is byte-for-byte reproducible (fixed mtime, owner and mode), so the same input gives
     the same shards whatever the worker count. A shard is written as ``*.tar.part`` and renamed
-    when complete, so an interrupted run never leaves a truncated ``.tar`` that looks finished.
+    when complete, so an interrupted run never leaves a truncated ``.tar`` that looks finished;
+    ``close`` writes the folder's index (:data:`INDEX_NAME`).
     """
 
     def __init__(self, directory: Path | str, shard_size: int = 1000):
@@ -67,6 +73,7 @@ class ShardWriter:
         self.directory = Path(directory)
         self.shard_size = shard_size
         self.paths: list[Path] = []
+        self.counts: list[int] = []
         self._tar: tarfile.TarFile | None = None
         self._part: Path | None = None
         self._count = 0
@@ -105,11 +112,14 @@ class ShardWriter:
         if self._tar is not None and self._part is not None:
             self._tar.close()
             os.replace(self._part, self.paths[-1])
+            self.counts.append(self._count)
             self._tar = self._part = None
 
     def close(self) -> list[Path]:
-        """Finish the last shard; returns every shard path written, in order."""
+        """Finish the last shard and write the index; returns every shard path written, in order."""
         self._finish()
+        if self.paths:
+            write_index(self.directory, {p.name: n for p, n in zip(self.paths, self.counts)})
         return list(self.paths)
 
     def abort(self) -> None:
@@ -137,3 +147,42 @@ def list_shards(root: Path | str, scenario: str | None = None) -> list[Path]:
         return sorted((root / scenario).glob(SHARD_GLOB))
     direct = sorted(root.glob(SHARD_GLOB))
     return direct or sorted(root.glob(f"*/{SHARD_GLOB}"))
+
+
+def write_index(directory: Path | str, counts: dict[str, int]) -> Path:
+    """Record ``{shard name: sample count}`` (and each shard's size) beside the shards."""
+    directory = Path(directory)
+    shards = {name: {"samples": n, "bytes": (directory / name).stat().st_size} for name, n in counts.items()}
+    doc = {"version": INDEX_VERSION, "shards": shards}
+    tmp = directory / (INDEX_NAME + ".part")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / INDEX_NAME)
+    return directory / INDEX_NAME
+
+
+_INDEX_CACHE: dict[str, tuple[float, dict[str, dict]]] = {}
+
+
+def indexed_shard(shard: str | Path) -> dict | None:
+    """The index entry (``{"samples", "bytes"}``) of a shard, or None where its folder has no index.
+
+    A broken index is reported as an error: it would make every count after it wrong.
+    """
+    path = Path(shard)
+    index = path.parent / INDEX_NAME
+    try:
+        mtime = index.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    cached = _INDEX_CACHE.get(str(index))
+    if cached is None or cached[0] != mtime:
+        try:
+            doc = json.loads(index.read_text(encoding="utf-8"))
+            shards = doc["shards"]
+            if doc.get("version") != INDEX_VERSION or not isinstance(shards, dict):
+                raise ValueError(f"unsupported version {doc.get('version')!r}")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"shard index {index} is unreadable: {err}") from err
+        cached = _INDEX_CACHE[str(index)] = (mtime, shards)
+    entry = cached[1].get(path.name)
+    return entry if isinstance(entry, dict) else None

@@ -5,8 +5,14 @@ shards as slices, else every n-th sample of each shard (so 1 shard still feeds 8
 stream never ends: it starts a new epoch with a fresh seeded shard order, so every rank can
 produce as many batches as the trainer asks for and no rank waits on another.
 
-The state is declarative — ``(epoch, shard cursor, sample cursor)`` — so a resumed stream
-re-opens its shard and skips the samples it had already read (without decoding them).
+Samples pass through a bounded shuffle buffer, because annotation files group each
+sub-dataset's samples together and shard order alone leaves long runs of one of them. The buffer
+holds *where* samples lie (shard, index, member offsets), not their bytes: memory stays small
+whatever the media, and a sample is read when it is picked.
+
+The state is declarative, as Megatron-Energon's: the scan position ``(epoch, shard cursor,
+sample cursor)``, the pick counter and the buffer as restore keys ``[shard, index]``. A resumed
+stream re-scans the headers of the shards its keys name and goes on from the same position.
 """
 
 from __future__ import annotations
@@ -14,14 +20,17 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 
-from mmscene.data.seeds import SHARD_ORDER, rng_for
+from mmscene.data.seeds import SHARD_ORDER, SHUFFLE, rng_for
+from mmscene.data.shards import indexed_shard
+from mmscene.data.tar_reader import TRUNCATED_SHARD, Located, ShardScan, read_located
+
+DEFAULT_SHUFFLE_BUFFER = 1000
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +54,22 @@ def expand_shards(pattern: str | list[str]) -> list[str]:
 class StreamState:
     epoch: int = 0
     shard_cursor: int = 0  # index into this epoch's shard order
-    sample_cursor: int = 0  # raw samples already read from the current shard
+    sample_cursor: int = 0  # samples of the current shard already scanned
     yielded: bool = False  # whether this epoch gave this slice anything so far
     # A slice that got nothing from sample-level splitting (tiny shards) reads every sample
     # from then on rather than starving its rank.
     fallback: bool = False
     empty_epochs: int = 0
+    picks: int = 0  # samples handed out so far (seeds the next pick from the buffer)
+    buffer: list = dataclasses.field(default_factory=list)  # restore keys [shard id, sample index]
 
 
 class ShardStream:
-    """An endless iterator of raw samples (``{"__key__", "json", "<ext>": bytes}``) for one slice."""
+    """An endless iterator of raw samples (``{"__key__", "json", "<ext>": bytes}``) for one slice.
+
+    ``buffer_size`` samples are held (as locations) and handed out in a seeded random order;
+    ``shuffle=False`` gives shards and samples in order (evaluation).
+    """
 
     def __init__(
         self,
@@ -65,45 +80,97 @@ class ShardStream:
         name: str,
         skips=None,
         shuffle: bool = True,
+        buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
     ):
         if not shards:
             raise ValueError(f"source {name!r} has no shards")
+        if buffer_size < 0:
+            raise ValueError(f"source {name!r}: shuffle buffer size must be >= 0, got {buffer_size}")
         self.name = name
         self.seed = seed
         self.skips = skips
         self.shuffle = shuffle
+        self.buffer_size = buffer_size if shuffle else 0
         self.by_sample = len(shards) < n_slices
         self.shards = list(shards) if self.by_sample else list(shards[slice_id::n_slices])
         self.slice_id, self.n_slices = slice_id, n_slices
         self.state = StreamState()
+        self._buffer: list[tuple[int, int, Located]] = []
 
-    def _order(self, epoch: int) -> list[str]:
-        order = list(self.shards)
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.shards)))
         if self.shuffle:
             rng_for(SHARD_ORDER, self.seed, self.name, self.slice_id, epoch).shuffle(order)
         return order
 
     def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.state)
+        state = dataclasses.asdict(self.state)
+        state["buffer"] = [[shard, index] for shard, index, _ in self._buffer]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = StreamState(**state)
+        # restored now, not when iteration starts: state_dict() must give the keys back unchanged
+        self._buffer = self._restore(self.state.buffer)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self._samples()
 
+    def _skip(self, reason: str, detail: str, n: int = 1) -> None:
+        if self.skips is not None:
+            for _ in range(n):
+                self.skips.add(self.name, reason, detail)
+
     def _samples(self) -> Iterator[dict[str, Any]]:
+        scanned = self._scan()
+        while True:
+            while len(self._buffer) < max(1, self.buffer_size):
+                self._buffer.append(next(scanned))
+            if self.buffer_size > 1:
+                pick = rng_for(SHUFFLE, self.seed, self.name, self.slice_id, self.state.picks)
+                j = pick.randrange(len(self._buffer))
+                self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
+            shard, index, located = self._buffer.pop()
+            self.state.picks += 1
+            path = self.shards[shard]
+            try:
+                sample = read_located(path, located)
+            except OSError as err:  # the shard changed or vanished since it was scanned
+                self._skip(TRUNCATED_SHARD, str(err))
+                continue
+            sample["__shard__"] = path
+            sample["__index__"] = index
+            yield sample
+
+    def _restore(self, keys: list) -> list[tuple[int, int, Located]]:
+        """Locations of the buffered samples, found again by scanning their shards' headers."""
+        wanted: dict[int, set[int]] = {}
+        for shard, index in keys:
+            wanted.setdefault(shard, set()).add(index)
+        found: dict[tuple[int, int], Located] = {}
+        for shard, indices in wanted.items():
+            for index, item in ShardScan(self.shards[shard], min(indices), indices.__contains__):
+                if isinstance(item, Located):
+                    found[shard, index] = item
+        lost = [tuple(k) for k in keys if tuple(k) not in found]
+        if lost:
+            log.warning(
+                "source %r: %d buffered samples are gone from their shards; resume is not exact",
+                self.name,
+                len(lost),
+            )
+        return [(shard, index, found[shard, index]) for shard, index in keys if (shard, index) in found]
+
+    def _scan(self) -> Iterator[tuple[int, int, Located]]:
+        """Sample locations in stream order; advances the scan position in ``self.state``."""
         while True:
             order = self._order(self.state.epoch)
             while self.state.shard_cursor < len(order):
                 shard = order[self.state.shard_cursor]
-                for index, sample in self._read_shard(shard, self.state.sample_cursor):
+                for index, located in self._scan_shard(shard, self.state.sample_cursor):
                     self.state.sample_cursor = index + 1
-                    if self.by_sample and index % self.n_slices != self.slice_id and not self.state.fallback:
-                        continue
                     self.state.yielded = True
-                    sample["__shard__"] = shard
-                    yield sample
+                    yield shard, index, located
                 self.state.shard_cursor += 1
                 self.state.sample_cursor = 0
             done = self.state
@@ -111,17 +178,46 @@ class ShardStream:
             if empty >= 2:
                 raise RuntimeError(f"source {self.name!r}: no readable samples in {len(self.shards)} shards")
             fallback = done.fallback or (not done.yielded and self.by_sample)
-            self.state = StreamState(epoch=done.epoch + 1, fallback=fallback, empty_epochs=empty)
+            self.state = dataclasses.replace(
+                done,
+                epoch=done.epoch + 1,
+                shard_cursor=0,
+                sample_cursor=0,
+                yielded=False,
+                fallback=fallback,
+                empty_epochs=empty,
+            )
 
-    def _read_shard(self, shard: str, start: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    def _mine(self, index: int) -> bool:
+        return not self.by_sample or self.state.fallback or index % self.n_slices == self.slice_id
+
+    def _scan_shard(self, shard: int, start: int) -> Iterator[tuple[int, Located]]:
+        """This slice's samples of one shard; defects and samples missing from it are counted."""
+        path = self.shards[shard]
         try:
-            with open(shard, "rb") as stream:
-                files = ({**f, "__url__": shard} for f in wds.tariterators.tar_file_iterator(stream))
-                for index, sample in enumerate(wds.tariterators.group_by_keys(files)):
-                    if index >= start:
-                        yield index, sample
-        except (OSError, tarfile.TarError, ValueError) as err:
-            # A truncated or unreadable shard must not end a multi-day run: count it, move on.
-            log.warning("skipping the rest of shard %s: %s", shard, err)
-            if self.skips is not None:
-                self.skips.add(self.name, "corrupt_shard", f"{shard}: {err}")
+            entry = indexed_shard(path)
+        except ValueError as err:
+            log.warning("%s; not checking %s for missing samples", err, path)
+            entry = None
+        expected = entry["samples"] if entry else None
+        scan = ShardScan(path, start, self._mine)
+        for index, item in scan:
+            if isinstance(item, Located):
+                yield index, item
+                continue
+            self.state.sample_cursor = index + 1
+            if not item.fatal:
+                self._skip(item.reason, f"{item.key}: {item.detail}")
+                continue
+            lost = self._lost(index, expected) if expected is not None else 1
+            self._skip(item.reason, f"{item.detail} ({lost} samples lost)", max(1, lost))
+            return
+        if expected is not None and scan.count is not None and scan.count != expected:
+            if scan.count < expected:  # cut at a tar block boundary: reads as a clean, shorter tar
+                lost = self._lost(max(start, scan.count), expected)
+                self._skip(TRUNCATED_SHARD, f"{path}: {scan.count} of {expected} samples", lost)
+            else:
+                log.warning("%s holds %d samples, its index says %d", path, scan.count, expected)
+
+    def _lost(self, first: int, expected: int) -> int:
+        return sum(1 for i in range(first, expected) if self._mine(i))

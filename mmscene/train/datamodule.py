@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tarfile
+import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +54,8 @@ class MMSceneDataModule(L.LightningDataModule):
         system_prompt: system turn added to every conversation (null: none).
         pad_to_square: pad images to a square with the mean colour before resizing.
         seed: data order and formatting randomness (independent of the model seed).
+        shuffle_buffer: samples each training stream shuffles among (held as shard locations,
+            not bytes, and saved in checkpoints as restore keys); 0 reads shards in order.
         batching: how training batches are formed (see :mod:`mmscene.data.batching`):
             ``{mode: samples}`` (default) takes ``batch_size`` samples padded to the longest;
             ``{mode: tokens, max_tokens: 4096, lookahead: 64, pack: true, row_tokens: null}``
@@ -78,6 +83,7 @@ class MMSceneDataModule(L.LightningDataModule):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         pad_to_square: bool = True,
         seed: int = 0,
+        shuffle_buffer: int = 1000,
         batching: dict[str, Any] | None = None,
         predict: str | None = None,
         predict_media_root: str | None = None,
@@ -99,6 +105,9 @@ class MMSceneDataModule(L.LightningDataModule):
             )
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        if shuffle_buffer < 0:
+            raise ValueError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.shuffle_buffer = shuffle_buffer
         self.sources = {
             "train": _sources(train, "train"),
             "val": _sources(val, "val"),
@@ -206,6 +215,7 @@ class MMSceneDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             tokens=self.tokens,
+            shuffle_buffer=self.shuffle_buffer,
         )
         if self._resume is not None:
             if self._resume.get("num_workers") != self.num_workers:
@@ -215,7 +225,13 @@ class MMSceneDataModule(L.LightningDataModule):
                 )
             dataset.resume = {"consumed": self._resume["consumed"], "slots": self._resume["slots"]}
             self._consumed, self._slots = self._resume["consumed"], dict(self._resume["slots"])
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            worker_init_fn=exit_with_parent,
+        )
 
     def _eval_loader(self, stage: str) -> DataLoader | list:
         if not self.sources[stage]:
@@ -282,6 +298,22 @@ class MMSceneDataModule(L.LightningDataModule):
         if len(ranks) != world:
             raise ValueError(f"the checkpoint's data state is for {len(ranks)} ranks; this run has {world}")
         self._resume = ranks[rank]
+
+
+def exit_with_parent(worker_id: int) -> None:
+    """Makes a loader worker exit as soon as its trainer process is gone (SIGKILL, OOM kill).
+
+    torch's worker notices a dead parent, but then waits at exit to flush its last batch into a
+    pipe nobody reads: a killed run would leave workers behind forever, holding its log pipes.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _eval_collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
