@@ -6,7 +6,11 @@ good ones are written to ``OUT/<scenario>/shard-NNNNNN.tar``; the rest go to ``O
 with a stable reason slug, and ``OUT/report.json`` counts both. See ``docs/data-format.md``.
 
 With ``workers > 1`` the per-record work (validation, reading and decoding media) runs in a process
-pool; results are consumed in input order, so keys and shards are identical to a 1-worker run.
+pool; results are consumed in order, so keys and shards are identical to a 1-worker run.
+
+Records are written in a seeded random order by default: annotation files list each
+sub-dataset's samples together, and shards written in that order would give loader workers long
+runs of one sub-dataset. ``keep_order`` writes them as listed.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from PIL import Image, ImageFile
 from mmscene.data.media import MAX_IMAGE_PIXELS
 from mmscene.data.report import UNKNOWN_SCENARIO, ConvertReport
 from mmscene.data.schema import make_record
-from mmscene.data.shards import SHARD_GLOB, KeyAllocator, ShardWriter
+from mmscene.data.seeds import CONVERT_ORDER, rng_for
+from mmscene.data.shards import INDEX_NAME, SHARD_GLOB, KeyAllocator, ShardWriter
 from mmscene.scenario import IMAGE_PLACEHOLDER, SkipSample
 
 SINGLE_IMAGE, MULTI_IMAGE, VIDEO, THREE_D = "single_image", "multi_image", "video", "3d"
@@ -204,6 +209,35 @@ class _JsonArrayStream:
             # incomplete element: read more, doubling so a huge element is not re-parsed too often
             self._fill(size)
             size *= 2
+
+
+def shuffled_annotations(path: Path, spill: Path, seed: int) -> Iterator[Item]:
+    """The records of ``path`` in a seeded random order, with bounded memory.
+
+    A first pass copies every record as one JSON line into ``spill`` (kept: its byte range); the
+    second reads them back in a shuffled order by seeking. Only two integers per record stay in
+    memory, and the media, the expensive part, is read once, by the caller.
+    """
+    ranges: list[tuple[int, int]] = []
+    size = path.stat().st_size
+    try:
+        with spill.open("wb") as out:
+            for item in iter_annotations(path):
+                start = out.tell()
+                line = {"index": item.index, "record": item.record, "error": item.error}
+                out.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+                ranges.append((start, out.tell() - start))
+        order = list(range(len(ranges)))
+        rng_for(CONVERT_ORDER, seed).shuffle(order)
+        with spill.open("rb") as f:
+            for done, k in enumerate(order, 1):
+                start, length = ranges[k]
+                f.seek(start)
+                line = json.loads(f.read(length))
+                offset = size * done // len(order)  # progress: the share of records done
+                yield Item(line["index"], line["record"], error=line["error"], offset=offset)
+    finally:
+        spill.unlink(missing_ok=True)
 
 
 # -- scenario inference ------------------------------------------------------------------------
@@ -639,6 +673,35 @@ def _prepare(ctx: _Context, item: Item, result: Prepared) -> None:
 
 
 # -- the conversion ------------------------------------------------------------------------------
+class _RejectLog:
+    """``rejected.jsonl`` in annotation order whatever order records were converted in: lines go
+    to a spill file first and are copied out sorted by index when the conversion ends."""
+
+    def __init__(self, path: Path):
+        self.path, self.spill = path, path.with_name(path.name + ".part")
+        self.lines: list[tuple[int, int, int]] = []  # (index, start, length) in the spill file
+
+    def __enter__(self) -> _RejectLog:
+        self.f = self.spill.open("w+b")
+        return self
+
+    def write(self, index: int, entry: dict) -> None:
+        data = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        self.lines.append((index, self.f.tell(), len(data)))
+        self.f.write(data)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                with self.path.open("wb") as out:
+                    for _, start, length in sorted(self.lines):
+                        self.f.seek(start)
+                        out.write(self.f.read(length))
+        finally:
+            self.f.close()
+            self.spill.unlink(missing_ok=True)
+
+
 def _ordered_map(fn: Callable[[Item], Prepared], items: Iterable[Item], pool: Executor | None, window: int):
     """``map(fn, items)`` in input order; with a pool, at most ``window`` records are in flight."""
     if pool is None:
@@ -668,6 +731,7 @@ def _previous_outputs(out: Path) -> list[Path]:
         *[p for p in (out / "report.json", out / "rejected.jsonl") if p.exists()],
         *sorted(out.glob(f"*/{SHARD_GLOB}")),
         *sorted(out.glob(f"*/{SHARD_GLOB}.part")),
+        *sorted(out.glob(f"*/{INDEX_NAME}")),
     ]
 
 
@@ -682,6 +746,8 @@ def convert(
     progress: bool = True,
     *,
     overwrite: bool = False,
+    keep_order: bool = False,
+    seed: int = 0,
 ) -> dict:
     """Convert an annotation file into ``OUT/<scenario>/shard-NNNNNN.tar``; returns the report.
 
@@ -689,6 +755,7 @@ def convert(
     it. ``dataset_rules`` maps a dataset-name pattern to a scenario, overriding the defaults.
     ``OUT`` must not already hold a conversion unless ``overwrite`` (then only the previous
     conversion's own files are removed). Also writes ``OUT/report.json`` and ``OUT/rejected.jsonl``.
+    Records are written in an order shuffled with ``seed`` unless ``keep_order``.
     """
     annotations, media_root, out = Path(annotations), Path(media_root), Path(out)
     if not annotations.is_file():
@@ -732,10 +799,13 @@ def convert(
             task = bar.add_task(
                 "convert", total=annotations.stat().st_size, name=annotations.name, ok=0, bad=0
             )
-            rejected = stack.enter_context((out / "rejected.jsonl").open("w", encoding="utf-8"))
-            results = _ordered_map(
-                partial(prepare, ctx), iter_annotations(annotations), pool, window=4 * workers
+            rejected = stack.enter_context(_RejectLog(out / "rejected.jsonl"))
+            records = (
+                iter_annotations(annotations)
+                if keep_order
+                else shuffled_annotations(annotations, out / ".records.part", seed)
             )
+            results = _ordered_map(partial(prepare, ctx), records, pool, window=4 * workers)
             for res in results:
                 if res.reason:
                     report.add_skipped(res.scenario, res.reason)
@@ -747,7 +817,7 @@ def convert(
                         "detail": res.detail,
                         "record": res.raw,
                     }
-                    rejected.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    rejected.write(res.index, entry)
                 else:
                     assert res.scenario is not None and res.id is not None
                     writer = writers.get(res.scenario)
@@ -775,6 +845,7 @@ def convert(
             "annotations": annotations.name,
             "scenario": scenario,
             "shard_size": shard_size,
+            "order": "annotations" if keep_order else f"shuffled (seed {seed})",
             "rules": {k.lower(): v for k, v in (dataset_rules or {}).items()},
         },
     )
@@ -834,6 +905,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "SCENARIO; repeatable, overrides the built-in 3D rules",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a previous conversion in OUT")
+    parser.add_argument(
+        "--keep-order",
+        action="store_true",
+        help="write records in annotation order (default: a seeded shuffle across shards)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the record shuffle (default 0)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -858,6 +935,8 @@ def convert_main(args: argparse.Namespace) -> int:
             dataset_rules=rules,
             progress=getattr(args, "progress", True),
             overwrite=getattr(args, "overwrite", False),
+            keep_order=getattr(args, "keep_order", False),
+            seed=getattr(args, "seed", 0),
         )
     except (OSError, ValueError) as err:
         console.print(f"[red]error:[/] {err}")

@@ -41,4 +41,4 @@ def prompts_to_shards(prompts: Path | str, media_root: Path | str, out: Path | s
         for i, line in enumerate(src):
             if line.strip():
                 dst.write(json.dumps(_as_annotation(json.loads(line), i)) + "\n")
-    return convert(annotations, media_root, out / "shards", progress=False, overwrite=True)
+    return convert(annotations, media_root, out / "shards", progress=False, overwrite=True, keep_order=True)
