@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader
 from train_helpers import KillAt, tiny_config
 
 from mmscene.data.collate import pad_collate
-from mmscene.data.mixer import EvalSamples, Source
+from mmscene.data.eval_samples import EvalSamples
+from mmscene.data.mixer import Source
 from mmscene.train.datamodule import MMSceneDataModule, load_tokenizer
 from mmscene.train.module import MMSceneModule
 from mmscene.train.ranks import from_all_ranks

@@ -245,29 +245,39 @@ class MixedBatches(IterableDataset):
         return buffer
 
     def _prepare(self, source: Source, raw: dict[str, Any], rng: random.Random, skips: SkipCounter):
-        scenario = self.scenarios[source.scenario]
-        try:
-            example = scenario.load(raw)
-            prompt = scenario.format(example, rng)
-            sample = self.encode(prompt)
-        except SkipSample as skip:
-            skips.add(
-                source.name, skip.reason, f"{raw.get('__key__')} in {raw.get('__shard__')}: {skip.detail}"
-            )
-            return None
-        except Exception as err:  # noqa: BLE001 - one bad sample must not end a multi-day run
-            log.exception("unexpected error on sample %s", raw.get("__key__"))
-            skips.add(source.name, f"error_{type(err).__name__}", str(err))
-            return None
-        sample.update(
-            key=prompt.key,
-            scenario=prompt.scenario,
-            task=prompt.task,
-            question_type=prompt.question_type,
-            answer=prompt.answer,
-            options=_options(prompt.meta.get("options") or example.record.get("metadata", {}).get("options")),
-        )
-        return sample
+        return prepare_sample(self.scenarios, self.encode, source, raw, rng, skips)
+
+
+def prepare_sample(
+    scenarios: dict[str, Scenario],
+    encode: Callable[[Any], dict[str, Any]],
+    source: Source,
+    raw: dict[str, Any],
+    rng: random.Random,
+    skips: SkipCounter,
+) -> dict[str, Any] | None:
+    """A raw sample loaded, formatted and encoded by its source's plugin; None (counted) if skipped."""
+    scenario = scenarios[source.scenario]
+    try:
+        example = scenario.load(raw)
+        prompt = scenario.format(example, rng)
+        sample = encode(prompt)
+    except SkipSample as skip:
+        skips.add(source.name, skip.reason, f"{raw.get('__key__')} in {raw.get('__shard__')}: {skip.detail}")
+        return None
+    except Exception as err:  # noqa: BLE001 - one bad sample must not end a multi-day run
+        log.exception("unexpected error on sample %s", raw.get("__key__"))
+        skips.add(source.name, f"error_{type(err).__name__}", str(err))
+        return None
+    sample.update(
+        key=prompt.key,
+        scenario=prompt.scenario,
+        task=prompt.task,
+        question_type=prompt.question_type,
+        answer=prompt.answer,
+        options=_options(prompt.meta.get("options") or example.record.get("metadata", {}).get("options")),
+    )
+    return sample
 
 
 def _options(options: Any) -> dict[str, str] | None:
@@ -277,79 +287,3 @@ def _options(options: Any) -> dict[str, str] | None:
     if isinstance(options, list):
         return {chr(ord("A") + i): str(text) for i, text in enumerate(options)}
     return None
-
-
-def count_samples(shards: list[str]) -> list[str]:
-    """Keys of all samples in ``shards``, in order (tar headers only; media is not read)."""
-    import tarfile
-
-    keys: list[str] = []
-    for shard in shards:
-        seen = set()
-        with tarfile.open(shard, "r") as tar:
-            for member in tar:
-                key = member.name.rsplit("/", 1)[-1].split(".", 1)[0]
-                if key not in seen:
-                    seen.add(key)
-                    keys.append(key)
-    return keys
-
-
-class EvalSamples(IterableDataset):
-    """One pass over evaluation shards, split across ranks with equal counts.
-
-    Ranks whose share is short repeat a sample flagged ``pad`` so that every rank runs the same
-    number of (sharded) generation steps; padded samples are not scored.
-    """
-
-    def __init__(
-        self,
-        sources: list[Source],
-        scenarios: dict[str, Scenario],
-        encode,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.sources = sources
-        self.shards = check_sources(sources)
-        self.scenarios = scenarios
-        self.encode = encode
-        self.rank, self.world_size = rank, world_size
-        self.counts = {s.name: len(count_samples(self.shards[s.name])) for s in sources}
-        self.total = sum(self.counts.values())
-        self.per_rank = -(-self.total // world_size)
-        self.skips = SkipCounter()
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if get_worker_info() is not None and get_worker_info().num_workers > 1:
-            raise RuntimeError(
-                "evaluation loaders run with num_workers <= 1 so that every rank sees its share once"
-            )
-        self.skips = SkipCounter()  # counts of this pass (one evaluation), not of every pass so far
-        index = 0
-        emitted = 0
-        last = None
-        for source in self.sources:
-            stream = ShardStream(self.shards[source.name], 0, 1, 0, source.name, self.skips, shuffle=False)
-            it = iter(stream)
-            for _ in range(self.counts[source.name]):
-                raw = next(it)
-                mine = index % self.world_size == self.rank
-                index += 1
-                if not mine:
-                    continue
-                rng = random.Random(f"eval-{raw.get('__key__')}")
-                sample = MixedBatches._prepare(self, source, raw, rng, self.skips)
-                if sample is None:
-                    sample = dict(last, pad=True) if last is not None else None
-                if sample is not None:
-                    sample.setdefault("pad", False)
-                    last = sample
-                    emitted += 1
-                    yield sample
-        while emitted < self.per_rank and last is not None:
-            emitted += 1
-            yield dict(last, pad=True)

@@ -20,7 +20,8 @@ from mmscene.data.batching import parse_batching, row_collate
 from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
 from mmscene.data.collate import pad_collate
 from mmscene.data.encode import PromptEncoder
-from mmscene.data.mixer import STATE_KEY, EvalSamples, MixedBatches, Source, check_sources
+from mmscene.data.eval_samples import SKIPS_KEY, EvalSamples
+from mmscene.data.mixer import STATE_KEY, MixedBatches, Source, check_sources
 from mmscene.registry import get_scenario
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class MMSceneDataModule(L.LightningDataModule):
         train / val / test: sources, each ``{shards: glob|list, scenario: name, weight: float, name: str}``.
         scenarios: options per scenario plugin, e.g. ``{video: {num_frames: 8}}``.
         batch_size: training samples per batch and rank; eval_batch_size likewise for generation.
-        num_workers: DataLoader workers per rank for training (evaluation uses at most one).
+        num_workers: DataLoader workers per rank, for training and for evaluation (each worker
+            reads its own share of the rank's evaluation samples).
         max_length: token limit per sample; ``overflow`` trims whole turns or skips the sample.
         system_prompt: system turn added to every conversation (null: none).
         pad_to_square: pad images to a square with the mean colour before resizing.
@@ -238,13 +240,20 @@ class MMSceneDataModule(L.LightningDataModule):
             return []
         rank, world = self._rank()
         dataset = EvalSamples(
-            self.sources[stage], self.scenarios, self.encoder.encode_for_generation, rank, world
+            self.sources[stage],
+            self.scenarios,
+            self.encoder.encode_for_generation,
+            rank,
+            world,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
         )
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
-            num_workers=0,
+            num_workers=self.num_workers,
             collate_fn=partial(_eval_collate, pad_id=self.tokenizer.pad_token_id),
+            worker_init_fn=exit_with_parent,
         )
 
     def val_dataloader(self):
@@ -319,6 +328,11 @@ def exit_with_parent(worker_id: int) -> None:
 def _eval_collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     batch = pad_collate(samples, pad_id, left=True)
     batch["pad"] = [bool(s.get("pad")) for s in samples]
+    skips: dict[str, int] = {}
+    for sample in samples:  # counts of the loader worker that made each sample
+        for key, n in sample.get(SKIPS_KEY, {}).items():
+            skips[key] = skips.get(key, 0) + n
+    batch["skips"] = skips
     return batch
 
 

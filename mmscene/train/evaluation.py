@@ -26,8 +26,11 @@ class Scoreboard:
                 for name, m in plugin.metrics(task, qtype).items()
             }
         self.predictions: list[dict[str, Any]] = []
+        self.skipped: dict[str, int] = {}  # this rank's skipped samples, ``source/reason``
 
-    def update(self, meta: list[dict[str, Any]], answers: list[str], pad=None) -> None:
+    def update(self, meta: list[dict[str, Any]], answers: list[str], pad=None, skips=None) -> None:
+        for key, n in (skips or {}).items():
+            self.skipped[key] = self.skipped.get(key, 0) + n
         for i, (m, answer) in enumerate(zip(meta, answers)):
             if pad is not None and bool(pad[i]):
                 continue

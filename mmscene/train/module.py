@@ -245,7 +245,7 @@ class MMSceneModule(L.LightningModule):
 
     def _generate_and_score(self, batch: dict[str, Any]) -> None:
         answers = self.generate_answers(batch)
-        self.scoreboard.update(batch["meta"], answers, batch.get("pad"))
+        self.scoreboard.update(batch["meta"], answers, batch.get("pad"), batch.get("skips"))
 
     def generate_answers(self, batch: dict[str, Any]) -> list[str]:
         tok = self.tokenizer
@@ -268,7 +268,7 @@ class MMSceneModule(L.LightningModule):
         from mmscene.train.callbacks import print_skips, summed_over_ranks
 
         results, predictions = self.scoreboard.compute(self.trainer)
-        skipped = summed_over_ranks(_eval_skips(self.trainer, stage))
+        skipped = summed_over_ranks(self.scoreboard.skipped)
         for name, value in results.items():
             self.log(f"{stage}/{name}", value, rank_zero_only=True, sync_dist=False)
         # ``trainer.log_dir`` broadcasts from rank 0: every rank must ask for it.
@@ -307,17 +307,6 @@ def _core_inputs(batch: dict[str, Any]) -> dict[str, Any]:
         "position_ids": batch.get("position_ids"),
         "image_pooling": batch.get("image_pooling"),
     }
-
-
-def _eval_skips(trainer, stage: str) -> dict[str, int]:
-    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-    total: dict[str, int] = {}
-    for loader in loaders:
-        skips = getattr(getattr(loader, "dataset", None), "skips", None)
-        for key, n in (skips.state_dict() if skips is not None else {}).items():
-            total[key] = total.get(key, 0) + n
-    return total
 
 
 def lr_lambda(warmup: int, total: int | None, min_ratio: float):
