@@ -35,6 +35,9 @@ def test_skips_are_logged_tabled_and_recorded(tmp_path, demo_data, capfd):
     val_key = _corrupt_first_image(sorted((data / "val" / "multi_image").glob("*.tar"))[0])
     cfg = tiny_config(data, tmp_path)
     m, d = cfg["model"], cfg["data"]
+    # a second source of the same scenario: skips are counted per source, logged per scenario
+    extra = next(dict(s, name="single_image_extra") for s in d["train"] if s["scenario"] == "single_image")
+    d["train"] = [*d["train"], extra]
     module = MMSceneModule(model=m["model"], lr=m["lr"], max_new_tokens=2)
     dm = MMSceneDataModule(
         tokenizer=d["tokenizer"],
@@ -44,6 +47,7 @@ def test_skips_are_logged_tabled_and_recorded(tmp_path, demo_data, capfd):
         batch_size=8,
         eval_batch_size=8,
         max_length=512,
+        shuffle_buffer=0,  # in shard order: the corrupt first samples are read in the first steps
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -66,8 +70,14 @@ def test_skips_are_logged_tabled_and_recorded(tmp_path, demo_data, capfd):
         if r.get("data/skipped/single_image/corrupt_media")
     ]
     assert logged and logged[-1] >= 1 and logged == sorted(logged)  # a running total, as steps pass
-    assert logged[-1] <= dm.skipped()["single_image/corrupt_media"]  # what the stream state counted
+    counted = dm.skipped()
+    assert counted["single_image/corrupt_media"] >= 1 and counted["single_image_extra/corrupt_media"] >= 1
+    # the metric sums the scenario's sources (at the last logged step, before the last batches)
+    assert counted["single_image/corrupt_media"] < logged[-1] <= (
+        counted["single_image/corrupt_media"] + counted["single_image_extra/corrupt_media"]
+    )
     results = [json.loads(line) for f in tmp_path.rglob("results.json") for line in f.open()]
     assert results[-1]["skipped"] == {"multi_image/corrupt_media": 1}, (val_key, results[-1])
     err = capfd.readouterr().err
     assert "skipped training samples" in err and "skipped val samples" in err and "corrupt_media" in err
+    assert "single_image_extra" in err  # the table names the source

@@ -265,7 +265,7 @@ class MMSceneModule(L.LightningModule):
         return [tok.decode(row, skip_special_tokens=True).strip() for row in new]
 
     def _publish(self, stage: str) -> None:
-        from mmscene.train.callbacks import print_skips, summed_over_ranks
+        from mmscene.train.callbacks import print_skips, scenario_of, summed_over_ranks
 
         results, predictions = self.scoreboard.compute(self.trainer)
         skipped = summed_over_ranks(self.scoreboard.skipped)
@@ -276,7 +276,9 @@ class MMSceneModule(L.LightningModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             out.mkdir(parents=True, exist_ok=True)
             record = {"step": self.global_step, "stage": stage, "scores": results, "skipped": skipped}
-            print_skips(f"skipped {stage} samples (all ranks)", skipped)
+            print_skips(
+                f"skipped {stage} samples (all ranks)", skipped, scenario_of(self.trainer.datamodule, stage)
+            )
             with open(out / "results.json", "a") as f:
                 f.write(json.dumps(record) + "\n")
             with open(out / "predictions.jsonl", "w") as f:
