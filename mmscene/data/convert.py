@@ -72,6 +72,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 # Guard for the streaming .json parser: one array element larger than this is not a record.
 MAX_ELEMENT_CHARS = 256 << 20
+# A record nested deeper than this is not a record either (and would overflow the stack when it
+# is written back out, or printed).
+MAX_NESTING = 100
 _MTLLIB = re.compile(rb"^[ \t]*mtllib[ \t]+(.+?)[ \t]*\r?$", re.MULTILINE | re.IGNORECASE)
 # .mtl statements that name a texture file
 _MTL_MAPS = frozenset(
@@ -100,6 +103,28 @@ _IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".tga", ".tif", ".tiff", ".webp
 
 
 # -- reading annotations -----------------------------------------------------------------------
+def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _json_line(value: Any) -> bytes:
+    """``value`` as UTF-8 JSON; escaped ASCII where it holds lone surrogates (which JSON allows
+    as ``\\ud800`` escapes but UTF-8 cannot encode)."""
+    try:
+        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value).encode("ascii")
+
+
 @dataclasses.dataclass
 class Item:
     """One annotation record as read: ``record`` is the parsed value, or the raw text with ``error``."""
@@ -134,7 +159,9 @@ def _iter_json_lines(f: BinaryIO) -> Iterator[Item]:
             continue
         try:
             value = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if _too_deep(value):
+                raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
             yield Item(lineno, line.decode("utf-8", "replace"), error=str(err), offset=f.tell())
             continue
         yield Item(lineno, value, offset=f.tell())
@@ -185,9 +212,15 @@ class _JsonArrayStream:
                 if char != ",":
                     raise self._fail(index, f"expected ',' or ']', found {char!r}")
                 self.pos += 1
+            start = self.pos
             value = self._value(index)
             # bytes consumed so far (characters still buffered counted as bytes: close enough)
-            yield Item(index, value, offset=self.f.tell() - (len(self.buf) - self.pos))
+            offset = self.f.tell() - (len(self.buf) - self.pos)
+            if _too_deep(value):
+                text = self.buf[start : self.pos]
+                yield Item(index, text, error=f"nested deeper than {MAX_NESTING} levels", offset=offset)
+            else:
+                yield Item(index, value, offset=offset)
             index += 1
 
     def _value(self, index: int) -> Any:
@@ -201,6 +234,8 @@ class _JsonArrayStream:
                 if end < len(self.buf) or self.eof:
                     self.pos = end
                     return value
+            except RecursionError as err:
+                raise self._fail(index, "nested too deeply to parse") from err
             except json.JSONDecodeError as err:
                 if self.eof:
                     raise self._fail(index, str(err)) from err
@@ -225,7 +260,7 @@ def shuffled_annotations(path: Path, spill: Path, seed: int) -> Iterator[Item]:
             for item in iter_annotations(path):
                 start = out.tell()
                 line = {"index": item.index, "record": item.record, "error": item.error}
-                out.write(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
+                out.write(_json_line(line) + b"\n")
                 ranges.append((start, out.tell() - start))
         order = list(range(len(ranges)))
         rng_for(CONVERT_ORDER, seed).shuffle(order)
@@ -463,9 +498,12 @@ def mesh_side_files(root: str, mesh_path: str, file_type: str, data: bytes) -> l
     elif file_type == "gltf":
         try:
             doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise SkipSample("corrupt_media", f"gltf: {_detail(err)}") from err
-        for entry in [*doc.get("buffers", []), *doc.get("images", [])]:
+        entries = [doc.get(field, []) for field in ("buffers", "images")] if isinstance(doc, dict) else None
+        if entries is None or not all(isinstance(e, list) for e in entries):
+            raise SkipSample("corrupt_media", "gltf: not an object with 'buffers' and 'images' lists")
+        for entry in [*entries[0], *entries[1]]:
             uri = entry.get("uri") if isinstance(entry, dict) else None
             if isinstance(uri, str) and not uri.startswith("data:"):
                 add([urllib.parse.unquote(uri)], [mesh_dir], referrer)
@@ -668,8 +706,12 @@ def _prepare(ctx: _Context, item: Item, result: Prepared) -> None:
         source={"file": ctx.source_file, "index": item.index},
         poses=poses,
     )
+    try:
+        doc = json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: JSON escapes allow it, Unicode text does not
+        raise SkipSample("bad_record", f"text is not valid Unicode: {_detail(err)}") from err
     result.record = record
-    result.members = [("json", json.dumps(record, ensure_ascii=False).encode("utf-8")), *members]
+    result.members = [("json", doc), *members]
 
 
 # -- the conversion ------------------------------------------------------------------------------
@@ -686,7 +728,7 @@ class _RejectLog:
         return self
 
     def write(self, index: int, entry: dict) -> None:
-        data = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        data = _json_line(entry) + b"\n"
         self.lines.append((index, self.f.tell(), len(data)))
         self.f.write(data)
 
