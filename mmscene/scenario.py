@@ -119,7 +119,7 @@ class Scenario:
             raise SkipSample("missing_json", f"sample {sample.get('__key__')} has no .json member")
         try:
             record = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise SkipSample("bad_json", str(err)) from err
         validate_record(record)
         return record

@@ -143,6 +143,10 @@ def decode_video(
             )
         if not indices:
             raise SkipSample("corrupt_media", "video has no frames")
+        # one frame first: its size bounds the batch before the batch is decoded
+        height, width = reader.next().shape[:2]
+        if len(indices) * height * width > MAX_VIDEO_PIXELS:
+            raise SkipSample("bomb", f"{len(indices)} frames of {width}x{height} (limit {MAX_VIDEO_PIXELS})")
         batch = reader.get_batch(indices).asnumpy()
         times = [float(t) for t in reader.get_frame_timestamp(indices)[:, 0]]
     except SkipSample:
@@ -217,7 +221,32 @@ def load_mesh(data: bytes, file_type: str, assets: dict[str, bytes] | None = Non
     if _vertex_count(geometry) == 0:
         # garbage text parses as an empty OBJ/scene instead of failing
         raise SkipSample("corrupt_media", f"{file_type} holds no geometry")
+    _load_textures(geometry)
     return geometry
+
+
+def _load_textures(geometry: Any) -> None:
+    """Decode the textures now, under the image limits: trimesh opens them lazily, so a bomb or a
+    truncated texture would otherwise only blow up (OSError, memory) when the mesh is rendered."""
+    import trimesh
+
+    parts = geometry.geometry.values() if isinstance(geometry, trimesh.Scene) else [geometry]
+    for part in parts:
+        material = getattr(getattr(part, "visual", None), "material", None)
+        if material is None:
+            continue
+        values = list(vars(material).values())
+        values += [v for d in values if isinstance(d, dict) for v in d.values()]  # PBRMaterial._data
+        for image in values:
+            if not isinstance(image, Image.Image):
+                continue
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise SkipSample("bomb", f"texture claims {width}x{height} pixels (limit {MAX_IMAGE_PIXELS})")
+            try:
+                image.load()
+            except Exception as err:  # noqa: BLE001 - any codec failure means an unusable texture
+                raise SkipSample("corrupt_media", f"texture: {_detail(err)}") from err
 
 
 def _vertex_count(geometry: Any) -> int:

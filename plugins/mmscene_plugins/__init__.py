@@ -40,6 +40,10 @@ __all__ = [
 
 def media_bytes(sample: dict[str, Any], member: str) -> bytes:
     """The bytes of shard member ``KEY.<member>``; a listed but absent member skips the sample."""
+    if not isinstance(member, str):
+        raise SkipSample(
+            "bad_record", f"sample {sample.get('__key__')!r}: member name {member!r} is not a string"
+        )
     data = sample.get(member)
     if data is None:
         raise SkipSample("missing_member", f"sample {sample.get('__key__')!r} has no member {member!r}")

@@ -91,7 +91,10 @@ class Scene3DScenario(Scenario):
         return self.example(sample, record, images=images)
 
     def _up(self, record: dict[str, Any]) -> str:
-        up = (record.get("metadata") or {}).get("up_axis", self.up_axis)
+        metadata = record.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise SkipSample("bad_record", f"{record['id']}: metadata is not an object")
+        up = metadata.get("up_axis", self.up_axis)
         if up not in ("y", "z"):
             raise SkipSample("bad_record", f"{record['id']}: metadata.up_axis {up!r} is not 'y' or 'z'")
         return up
