@@ -136,16 +136,23 @@ class ShardScan:
         index, key = -1, None
         found = Located("", [])
         defect: Defect | None = None
+        data_end = 0  # where the last member's data ends: past the file's end, its sample is cut
         for member in _members(tar):
             if isinstance(member, Defect):
-                if key is not None and self._mine(index):
+                cut = key is not None and data_end > size
+                if cut and self._mine(index):
                     yield (
                         index,
                         Defect(TRUNCATED_SHARD, f"{path}: sample cut off ({member.detail})", key, True),
                     )
-                else:
-                    yield index + 1, dataclasses.replace(member, detail=f"{path}: {member.detail}")
+                    return
+                if not cut and key is not None and self._mine(index):
+                    yield index, defect or found  # whole: the damage starts after it
+                # the first sample lost, never one before ``start``
+                first = index if cut else index + 1
+                yield max(first, self.start), dataclasses.replace(member, detail=f"{path}: {member.detail}")
                 return
+            data_end = member.offset_data + member.size
             parts = split_name(member.name)
             member_key = parts[0] if parts else member.name
             if member_key != key:
