@@ -531,21 +531,21 @@ def test_3d_up_axis_from_record_metadata_overrides_the_option():
 
 
 @pytest.mark.parametrize(
-    "member,make",
+    "member,make,reason",
     [
-        ("glb", lambda: coloured_scene().export(file_type="glb")[:-200]),  # truncated
-        ("ply", lambda: coloured_scene().export(file_type="ply")[:2000]),  # truncated binary PLY
-        ("glb", lambda: b"glTF\x02\x00\x00\x00" + b"\xff" * 64),
-        ("obj", lambda: b"this is not\na mesh at all\n"),
-        ("obj", lambda: b"v 0 0 0\nv 1 0 0\nf 1 2 7\n"),  # face refers to a vertex that is not there
-        ("stl", lambda: b""),
+        ("glb", lambda: coloured_scene().export(file_type="glb")[:-200], "corrupt_media"),  # truncated
+        ("ply", lambda: coloured_scene().export(file_type="ply")[:2000], "corrupt_media"),  # truncated binary
+        ("glb", lambda: b"glTF\x02\x00\x00\x00" + b"\xff" * 64, "corrupt_media"),
+        ("obj", lambda: b"this is not\na mesh at all\n", "no_geometry"),
+        ("obj", lambda: b"v 0 0 0\nv 1 0 0\nf 1 2 7\n", "corrupt_media"),  # face names a missing vertex
+        ("stl", lambda: b"", "empty_media"),
     ],
     ids=["glb-truncated", "ply-truncated", "glb-garbage", "obj-text", "obj-bad-index", "empty"],
 )
-def test_broken_mesh_is_skipped(member, make):
+def test_broken_mesh_is_skipped(member, make, reason):
     with pytest.raises(SkipSample) as err:
         Scene3DScenario(num_views=2, view_size=32).load(mesh_sample(make(), member))
-    assert err.value.reason == "corrupt_media"
+    assert err.value.reason == reason
 
 
 def test_3d_metrics_use_caption_metrics_for_open_answers():
@@ -624,7 +624,7 @@ def test_truncated_jpeg_is_corrupt_not_grey():
     for garbage in (b"", b"\xff\xd8\xff" + b"\x00" * 50, b"not an image"):
         with pytest.raises(SkipSample) as err:
             media.decode_image(garbage)
-        assert err.value.reason == "corrupt_media"
+        assert err.value.reason == ("empty_media" if not garbage else "corrupt_media")
 
 
 def test_truncated_images_refuse_to_decode_if_pil_is_told_to_accept_them(monkeypatch):

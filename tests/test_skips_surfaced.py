@@ -73,8 +73,10 @@ def test_skips_are_logged_tabled_and_recorded(tmp_path, demo_data, capfd):
     counted = dm.skipped()
     assert counted["single_image/corrupt_media"] >= 1 and counted["single_image_extra/corrupt_media"] >= 1
     # the metric sums the scenario's sources (at the last logged step, before the last batches)
-    assert counted["single_image/corrupt_media"] < logged[-1] <= (
-        counted["single_image/corrupt_media"] + counted["single_image_extra/corrupt_media"]
+    assert (
+        counted["single_image/corrupt_media"]
+        < logged[-1]
+        <= (counted["single_image/corrupt_media"] + counted["single_image_extra/corrupt_media"])
     )
     results = [json.loads(line) for f in tmp_path.rglob("results.json") for line in f.open()]
     assert results[-1]["skipped"] == {"multi_image/corrupt_media": 1}, (val_key, results[-1])

@@ -21,21 +21,25 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mmscene.data.mixer import Source, check_sources, prepare_sample
 from mmscene.data.shards import indexed_shard
 from mmscene.data.skips import SkipCounter
-from mmscene.data.tar_reader import Defect, ShardScan, read_shard
+from mmscene.data.tar_reader import EMPTY_SHARD, Defect, ShardScan, read_shard
 from mmscene.scenario import Scenario
 
 SKIPS_KEY = "_skips"
 
 
-def shard_sample_count(shard: str) -> int:
-    """Samples in a shard: from its folder's index, else by scanning its headers."""
+def shard_sample_count(shard: str) -> tuple[int, Defect | None]:
+    """Samples in a shard (from its folder's index, else by scanning its headers), and the defect
+    that ends an unindexed shard early (a non-tar, a cut-off member) or leaves it empty."""
     entry = indexed_shard(shard)
     if entry is not None:
-        return int(entry["samples"])
+        return int(entry["samples"]), None
     scan = ShardScan(shard, wanted=lambda _: False)
-    for _ in scan:
-        pass
-    return scan.count or 0
+    for index, item in scan:
+        if isinstance(item, Defect) and item.fatal:
+            return index, item
+    if not scan.count:
+        return 0, Defect(EMPTY_SHARD, f"{shard}: no samples", fatal=True)
+    return scan.count, None
 
 
 def worker_quota(per_rank: int, worker: int, n_workers: int) -> int:
@@ -65,11 +69,15 @@ class EvalSamples(IterableDataset):
         self.batch_size, self.num_workers = batch_size, num_workers
         # (source, shard path, index of its first sample across all sources, samples)
         self.layout: list[tuple[Source, str, int, int]] = []
+        # shards that end early or hold nothing: counted once, by rank 0's first worker
+        self.broken: list[tuple[Source, Defect]] = []
         total = 0
         for source in sources:
             for shard in self.shards[source.name]:
-                n = shard_sample_count(shard)
+                n, defect = shard_sample_count(shard)
                 self.layout.append((source, shard, total, n))
+                if defect is not None:
+                    self.broken.append((source, defect))
                 total += n
         self.total = total
         self.per_rank = -(-total // world_size)
@@ -95,6 +103,9 @@ class EvalSamples(IterableDataset):
         reported: dict[str, int] = {}
         quota = worker_quota(self.per_rank, worker, n_workers)
         emitted, last = 0, None
+        if self.rank == 0 and worker == 0:
+            for source, defect in self.broken:
+                skips.add(source.name, defect.reason, defect.detail)
 
         def out(sample: dict[str, Any]) -> dict[str, Any]:
             delta = {k: n - reported.get(k, 0) for k, n in skips.counts.items() if n != reported.get(k, 0)}

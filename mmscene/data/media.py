@@ -53,7 +53,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         # Someone flipped PIL's global: truncated files would decode as grey bands, silently.
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; mmscene needs it False")
     if not data:
-        raise SkipSample("corrupt_media", "empty image bytes")
+        raise SkipSample("empty_media", "empty image bytes")
     try:
         with warnings.catch_warnings():
             # our own pixel limit decides; PIL's warning between 1x and 2x its limit is noise here
@@ -129,7 +129,7 @@ def decode_video(
     if fps is None and not num_frames:
         raise ValueError("decode_video needs num_frames or fps")
     if not data:
-        raise SkipSample("corrupt_media", "empty video bytes")
+        raise SkipSample("empty_media", "empty video bytes")
     import decord  # imported here: only video plugins pay its start-up
 
     try:
@@ -142,7 +142,7 @@ def decode_video(
                 total, num_frames if max_frames is None else min(num_frames, max_frames)
             )
         if not indices:
-            raise SkipSample("corrupt_media", "video has no frames")
+            raise SkipSample("no_frames", "video has no frames")
         # one frame first: its size bounds the batch before the batch is decoded
         height, width = reader.next().shape[:2]
         if len(indices) * height * width > MAX_VIDEO_PIXELS:
@@ -211,7 +211,7 @@ def load_mesh(data: bytes, file_type: str, assets: dict[str, bytes] | None = Non
     if file_type not in MESH_TYPES:
         raise SkipSample("corrupt_media", f"unsupported mesh type {file_type!r} (known: {MESH_TYPES})")
     if not data:
-        raise SkipSample("corrupt_media", "empty mesh bytes")
+        raise SkipSample("empty_media", "empty mesh bytes")
     try:
         geometry = trimesh.load(
             io.BytesIO(data), file_type=file_type, resolver=_mesh_resolver(assets or {}), allow_remote=False
@@ -220,7 +220,7 @@ def load_mesh(data: bytes, file_type: str, assets: dict[str, bytes] | None = Non
         raise SkipSample("corrupt_media", _detail(err)) from err
     if _vertex_count(geometry) == 0:
         # garbage text parses as an empty OBJ/scene instead of failing
-        raise SkipSample("corrupt_media", f"{file_type} holds no geometry")
+        raise SkipSample("no_geometry", f"{file_type} holds no geometry")
     _load_textures(geometry)
     return geometry
 

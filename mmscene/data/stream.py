@@ -28,7 +28,7 @@ import webdataset as wds
 
 from mmscene.data.seeds import SHARD_ORDER, SHUFFLE, rng_for
 from mmscene.data.shards import indexed_shard
-from mmscene.data.tar_reader import TRUNCATED_SHARD, Located, ShardScan, read_located
+from mmscene.data.tar_reader import EMPTY_SHARD, TRUNCATED_SHARD, Located, ShardScan, read_located
 
 DEFAULT_SHUFFLE_BUFFER = 1000
 
@@ -212,6 +212,8 @@ class ShardStream:
             lost = self._lost(index, expected) if expected is not None else 1
             self._skip(item.reason, f"{item.detail} ({lost} samples lost)", max(1, lost))
             return
+        if scan.count == 0 and start == 0:
+            self._skip(EMPTY_SHARD, f"{path}: a tar without samples")
         if expected is not None and scan.count is not None and scan.count != expected:
             if scan.count < expected:  # cut at a tar block boundary: reads as a clean, shorter tar
                 lost = self._lost(max(start, scan.count), expected)

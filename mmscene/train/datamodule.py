@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tarfile
 import threading
 import time
 from functools import partial
@@ -22,6 +21,7 @@ from mmscene.data.collate import pad_collate
 from mmscene.data.encode import PromptEncoder
 from mmscene.data.eval_samples import SKIPS_KEY, EvalSamples
 from mmscene.data.mixer import STATE_KEY, MixedBatches, Source, check_sources
+from mmscene.data.tar_reader import Located, ShardScan, read_located
 from mmscene.registry import get_scenario
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,9 @@ class MMSceneDataModule(L.LightningDataModule):
             for source in self.sources[stage]:
                 for shard in check_sources([source])[source.name]:
                     for record in _records(shard):
-                        found.add((source.scenario, record["task"], record["question_type"]))
+                        task, qtype = record.get("task"), record.get("question_type")
+                        if isinstance(task, str) and isinstance(qtype, str):
+                            found.add((source.scenario, task, qtype))
             self._task_cache[stage] = sorted(found)
         return self._task_cache[stage]
 
@@ -337,10 +339,18 @@ def _eval_collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 
 def _records(shard: str):
-    with tarfile.open(shard, "r") as tar:
-        for member in tar:
-            if member.name.endswith(".json"):
-                yield json.loads(tar.extractfile(member).read())
+    """The readable records of a shard (only their ``.json`` members are read). Broken ones are
+    passed over here: the evaluation pass itself counts them as skips."""
+    for _, item in ShardScan(shard):
+        if not isinstance(item, Located):
+            continue
+        located = Located(item.key, [m for m in item.members if m[0] == "json"])
+        try:
+            record = json.loads(read_located(shard, located).get("json", b""))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            yield record
 
 
 def load_tokenizer(path: str):
