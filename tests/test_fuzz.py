@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 from fixtures_media import (
     write_glb,
@@ -516,6 +517,24 @@ def test_load_mesh_gives_geometry_or_a_skip(real, data, kind):
             assert SLUG.match(skip.reason), skip.reason
             return
     assert media._vertex_count(geometry) > 0
+
+
+def test_load_mesh_refuses_faces_past_the_vertex_buffer(real):
+    import trimesh
+
+    mesh = trimesh.creation.icosphere(subdivisions=1)
+    glb = trimesh.Scene(mesh).export(file_type="glb")
+    # the face accessor's bytes hold uint8/16/32 indices: make one point past the 42 vertices
+    faces = mesh.faces.astype(np.uint32).tobytes()
+    start = (
+        glb.find(faces[:12])
+        if glb.find(faces[:12]) >= 0
+        else glb.find(mesh.faces.astype(np.uint16).tobytes()[:6])
+    )
+    assert start > 0
+    broken = glb[:start] + b"\xff" + glb[start + 1 :]
+    with pytest.raises(SkipSample, match="corrupt_media"):
+        media.load_mesh(broken, "glb")
 
 
 @pytest.mark.parametrize("texture", ["truncated", "bomb", "junk"])

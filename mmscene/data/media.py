@@ -221,8 +221,24 @@ def load_mesh(data: bytes, file_type: str, assets: dict[str, bytes] | None = Non
     if _vertex_count(geometry) == 0:
         # garbage text parses as an empty OBJ/scene instead of failing
         raise SkipSample("no_geometry", f"{file_type} holds no geometry")
+    _check_faces(geometry)
     _load_textures(geometry)
     return geometry
+
+
+def _check_faces(geometry: Any) -> None:
+    """Faces must refer to vertices that exist: trimesh loads a glb whose indices point past the
+    vertex buffer, and the renderer would then index out of bounds."""
+    import trimesh
+
+    parts = geometry.geometry.values() if isinstance(geometry, trimesh.Scene) else [geometry]
+    for part in parts:
+        faces = getattr(part, "faces", None)
+        if faces is None or not len(faces):
+            continue
+        faces, n = np.asarray(faces), len(part.vertices)
+        if faces.min() < 0 or faces.max() >= n:
+            raise SkipSample("corrupt_media", f"faces refer to vertex {int(faces.max())}, mesh has {n}")
 
 
 def _load_textures(geometry: Any) -> None:
