@@ -95,7 +95,9 @@ class ShardStream:
         self.shards = list(shards) if self.by_sample else list(shards[slice_id::n_slices])
         self.slice_id, self.n_slices = slice_id, n_slices
         self.state = StreamState()
-        self._buffer: list[tuple[int, int, Located]] = []
+        # ((shard, index), location): the key tuple is made once, so that a state snapshot (taken
+        # before every draw) copies one list of references, not a thousand new pairs
+        self._buffer: list[tuple[tuple[int, int], Located]] = []
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.shards)))
@@ -104,14 +106,14 @@ class ShardStream:
         return order
 
     def state_dict(self) -> dict[str, Any]:
-        state = dataclasses.asdict(self.state)
-        state["buffer"] = [[shard, index] for shard, index, _ in self._buffer]
+        state = {f.name: getattr(self.state, f.name) for f in dataclasses.fields(StreamState)}
+        state["buffer"] = [key for key, _ in self._buffer]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = StreamState(**state)
+        self.state = StreamState(**{**state, "buffer": []})
         # restored now, not when iteration starts: state_dict() must give the keys back unchanged
-        self._buffer = self._restore(self.state.buffer)
+        self._buffer = self._restore(state.get("buffer", []))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self._samples()
@@ -125,12 +127,13 @@ class ShardStream:
         scanned = self._scan()
         while True:
             while len(self._buffer) < max(1, self.buffer_size):
-                self._buffer.append(next(scanned))
+                shard, index, located = next(scanned)
+                self._buffer.append(((shard, index), located))
             if self.buffer_size > 1:
                 pick = rng_for(SHUFFLE, self.seed, self.name, self.slice_id, self.state.picks)
                 j = pick.randrange(len(self._buffer))
                 self._buffer[j], self._buffer[-1] = self._buffer[-1], self._buffer[j]
-            shard, index, located = self._buffer.pop()
+            (shard, index), located = self._buffer.pop()
             self.state.picks += 1
             path = self.shards[shard]
             try:
@@ -142,7 +145,7 @@ class ShardStream:
             sample["__index__"] = index
             yield sample
 
-    def _restore(self, keys: list) -> list[tuple[int, int, Located]]:
+    def _restore(self, keys: list) -> list[tuple[tuple[int, int], Located]]:
         """Locations of the buffered samples, found again by scanning their shards' headers."""
         wanted: dict[int, set[int]] = {}
         for shard, index in keys:
@@ -159,7 +162,8 @@ class ShardStream:
                 self.name,
                 len(lost),
             )
-        return [(shard, index, found[shard, index]) for shard, index in keys if (shard, index) in found]
+        keys = [(int(shard), int(index)) for shard, index in keys]  # lists after a JSON round trip
+        return [(key, found[key]) for key in keys if key in found]
 
     def _scan(self) -> Iterator[tuple[int, int, Located]]:
         """Sample locations in stream order; advances the scan position in ``self.state``."""
