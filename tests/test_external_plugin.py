@@ -204,7 +204,7 @@ def test_inspect_shows_its_pages(plugin_package, doc_shards):
     from mmscene.data.inspect import inspect_path, render_html
 
     result = inspect_path(doc_shards, n=3)
-    assert [s.prompt.key for s in result.shown["doc_pages"]] == ["doc-0", "doc-1", "doc-2"]
+    assert sorted(s.prompt.key for s in result.shown["doc_pages"]) == ["doc-0", "doc-1", "doc-2"]
     assert [(s.key, s.reason) for s in result.skipped] == [("doc-3", "too_many_pages")]
     html = render_html(result)
     assert html.count("<img ") == 2 + 3 + 1 and "Page 3: <figure>" in html
