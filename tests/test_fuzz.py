@@ -46,7 +46,8 @@ from mmscene_plugins.video import VideoScenario
 
 import mmscene.data.convert as convert_mod
 from mmscene.data import media
-from mmscene.data.convert import MAX_NESTING, convert
+from mmscene.data.annotations import MAX_NESTING
+from mmscene.data.convert import convert
 from mmscene.data.shards import ShardWriter
 from mmscene.data.skips import SkipCounter
 from mmscene.data.stream import ShardStream

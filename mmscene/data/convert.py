@@ -1,7 +1,7 @@
 """``mmscene data convert``: LLaVA / M4-Instruct annotations -> WebDataset shards grouped by scenario.
 
-The annotation file is streamed (a ``.json`` top-level array is parsed element by element, a
-``.jsonl`` line by line), each record is validated and its media read as original bytes, and the
+The annotation file is streamed (:mod:`mmscene.data.annotations`: a ``.json`` top-level array
+element by element, a ``.jsonl`` line by line), each record is validated and its media read as original bytes, and the
 good ones are written to ``OUT/<scenario>/shard-NNNNNN.tar``; the rest go to ``OUT/rejected.jsonl``
 with a stable reason slug, and ``OUT/report.json`` counts both. See ``docs/data-format.md``.
 
@@ -16,7 +16,6 @@ runs of one sub-dataset. ``keep_order`` writes them as listed.
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import dataclasses
 import io
@@ -29,14 +28,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from PIL import Image, ImageFile
 
+from mmscene.data.annotations import Item, iter_annotations, json_line, shuffled_annotations
 from mmscene.data.media import MAX_IMAGE_PIXELS
 from mmscene.data.report import UNKNOWN_SCENARIO, ConvertReport
 from mmscene.data.schema import make_record
-from mmscene.data.seeds import CONVERT_ORDER, rng_for
 from mmscene.data.shards import INDEX_NAME, SHARD_GLOB, KeyAllocator, ShardWriter
 from mmscene.scenario import IMAGE_PLACEHOLDER, SkipSample
 
@@ -69,12 +68,6 @@ _QUESTION_TYPES = {
 # Member suffix from the decoded format, not the file name: a PNG saved as .jpg is stored as .png.
 _IMAGE_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "TIFF": "tiff", "JPEG2000": "jp2", "WEBP": "webp"}
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-# Guard for the streaming .json parser: one array element larger than this is not a record.
-MAX_ELEMENT_CHARS = 256 << 20
-# A record nested deeper than this is not a record either (and would overflow the stack when it
-# is written back out, or printed).
-MAX_NESTING = 100
 _MTLLIB = re.compile(rb"^[ \t]*mtllib[ \t]+(.+?)[ \t]*\r?$", re.MULTILINE | re.IGNORECASE)
 # .mtl statements that name a texture file
 _MTL_MAPS = frozenset(
@@ -100,179 +93,6 @@ _MTL_MAPS = frozenset(
     ]
 )
 _IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".tga", ".tif", ".tiff", ".webp", ".gif")
-
-
-# -- reading annotations -----------------------------------------------------------------------
-def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _json_line(value: Any) -> bytes:
-    """``value`` as UTF-8 JSON; escaped ASCII where it holds lone surrogates (which JSON allows
-    as ``\\ud800`` escapes but UTF-8 cannot encode)."""
-    try:
-        return json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value).encode("ascii")
-
-
-@dataclasses.dataclass
-class Item:
-    """One annotation record as read: ``record`` is the parsed value, or the raw text with ``error``."""
-
-    index: int
-    record: Any
-    error: str = ""
-    offset: int = 0  # bytes of the file read so far (progress)
-
-
-def iter_annotations(path: Path | str, chunk_size: int = 1 << 20) -> Iterator[Item]:
-    """Stream the records of a LLaVA-style annotation file without loading it whole.
-
-    A file whose first character is ``[`` is one JSON array (``index`` = array position); anything
-    else is JSON Lines (``index`` = 0-based line number; blank lines are skipped). A bad JSONL line
-    is yielded with ``error`` set; a malformed array cannot be resynchronised and raises ValueError.
-    """
-    path = Path(path)
-    with path.open("rb") as f:
-        head = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
-        f.seek(0)
-        if head.startswith(b"["):
-            yield from _JsonArrayStream(f, path, chunk_size)
-        else:
-            yield from _iter_json_lines(f)
-
-
-def _iter_json_lines(f: BinaryIO) -> Iterator[Item]:
-    for lineno, raw in enumerate(f):
-        line = raw.lstrip(codecs.BOM_UTF8).strip() if lineno == 0 else raw.strip()
-        if not line:
-            continue
-        try:
-            value = json.loads(line.decode("utf-8"))
-            if _too_deep(value):
-                raise ValueError(f"nested deeper than {MAX_NESTING} levels")
-        except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-            yield Item(lineno, line.decode("utf-8", "replace"), error=str(err), offset=f.tell())
-            continue
-        yield Item(lineno, value, offset=f.tell())
-
-
-class _JsonArrayStream:
-    """Incremental parser for ``[ {...}, {...} ]``: ``raw_decode`` over a sliding text buffer."""
-
-    def __init__(self, f: BinaryIO, path: Path, chunk_size: int):
-        self.f, self.path, self.chunk_size = f, path, chunk_size
-        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()
-        self.decoder = json.JSONDecoder()
-        self.buf, self.pos, self.eof = "", 0, False
-
-    def _fill(self, size: int) -> None:
-        data = self.f.read(size)
-        self.eof = not data
-        # drop what is consumed so the buffer holds about one element, not the file
-        self.buf = self.buf[self.pos :] + self.utf8.decode(data, final=self.eof)
-        self.pos = 0
-
-    def _peek(self) -> str:
-        """The next non-whitespace character, '' at the end of the file."""
-        while True:
-            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
-            if self.pos < len(self.buf):
-                return self.buf[self.pos]
-            if self.eof:
-                return ""
-            self._fill(self.chunk_size)
-
-    def _fail(self, index: int, msg: str) -> ValueError:
-        return ValueError(f"{self.path}: malformed JSON array at element {index}: {msg}")
-
-    def __iter__(self) -> Iterator[Item]:
-        if self._peek() != "[":
-            raise self._fail(0, "file does not start with '['")
-        self.pos += 1
-        index = 0
-        while True:
-            char = self._peek()
-            if char == "]":
-                self.pos += 1
-                if self._peek() != "":
-                    raise self._fail(index, "data after the closing ']'")
-                return
-            if index > 0:
-                if char != ",":
-                    raise self._fail(index, f"expected ',' or ']', found {char!r}")
-                self.pos += 1
-            start = self.pos
-            value = self._value(index)
-            # bytes consumed so far (characters still buffered counted as bytes: close enough)
-            offset = self.f.tell() - (len(self.buf) - self.pos)
-            if _too_deep(value):
-                text = self.buf[start : self.pos]
-                yield Item(index, text, error=f"nested deeper than {MAX_NESTING} levels", offset=offset)
-            else:
-                yield Item(index, value, offset=offset)
-            index += 1
-
-    def _value(self, index: int) -> Any:
-        size = self.chunk_size
-        while True:
-            if self._peek() == "":
-                raise self._fail(index, "unexpected end of file")
-            try:
-                value, end = self.decoder.raw_decode(self.buf, self.pos)
-                # a value ending exactly at the buffer's end might continue (a number): read on
-                if end < len(self.buf) or self.eof:
-                    self.pos = end
-                    return value
-            except RecursionError as err:
-                raise self._fail(index, "nested too deeply to parse") from err
-            except json.JSONDecodeError as err:
-                if self.eof:
-                    raise self._fail(index, str(err)) from err
-                if len(self.buf) - self.pos > MAX_ELEMENT_CHARS:
-                    raise self._fail(index, f"element larger than {MAX_ELEMENT_CHARS} characters") from err
-            # incomplete element: read more, doubling so a huge element is not re-parsed too often
-            self._fill(size)
-            size *= 2
-
-
-def shuffled_annotations(path: Path, spill: Path, seed: int) -> Iterator[Item]:
-    """The records of ``path`` in a seeded random order, with bounded memory.
-
-    A first pass copies every record as one JSON line into ``spill`` (kept: its byte range); the
-    second reads them back in a shuffled order by seeking. Only two integers per record stay in
-    memory, and the media, the expensive part, is read once, by the caller.
-    """
-    ranges: list[tuple[int, int]] = []
-    size = path.stat().st_size
-    try:
-        with spill.open("wb") as out:
-            for item in iter_annotations(path):
-                start = out.tell()
-                line = {"index": item.index, "record": item.record, "error": item.error}
-                out.write(_json_line(line) + b"\n")
-                ranges.append((start, out.tell() - start))
-        order = list(range(len(ranges)))
-        rng_for(CONVERT_ORDER, seed).shuffle(order)
-        with spill.open("rb") as f:
-            for done, k in enumerate(order, 1):
-                start, length = ranges[k]
-                f.seek(start)
-                line = json.loads(f.read(length))
-                offset = size * done // len(order)  # progress: the share of records done
-                yield Item(line["index"], line["record"], error=line["error"], offset=offset)
-    finally:
-        spill.unlink(missing_ok=True)
 
 
 # -- scenario inference ------------------------------------------------------------------------
@@ -728,7 +548,7 @@ class _RejectLog:
         return self
 
     def write(self, index: int, entry: dict) -> None:
-        data = _json_line(entry) + b"\n"
+        data = json_line(entry) + b"\n"
         self.lines.append((index, self.f.tell(), len(data)))
         self.f.write(data)
 
