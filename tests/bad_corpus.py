@@ -6,13 +6,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import struct
 import tarfile
-import zlib
 from pathlib import Path
 
 import av
 import numpy as np
+from fixtures_media import png_bomb_bytes
 
 from mmscene.data.shards import ShardWriter
 from mmscene.data.tar_reader import MAX_MEMBER_BYTES, read_shard
@@ -66,19 +65,6 @@ def _record(sample: dict, **changes) -> bytes:
     return json.dumps(record).encode()
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _audio_only_mp4(tmp: Path) -> bytes:
     path = tmp / "audio.mp4"
     with av.open(str(path), "w") as container:
@@ -125,7 +111,7 @@ def build(demo: Path, root: Path) -> dict[str, list[str]]:
             _variant(image[0], "png-cut", **{"0_png": png[: len(png) // 2]}),
             _variant(image[0], "jpeg-cut", **{"0_png": jpeg.getvalue()[: len(jpeg.getvalue()) // 2]}),
             _variant(image[0], "zero-bytes", **{"0_png": b""}),
-            _variant(image[0], "bomb", **{"0_png": _png_claiming(100_000, 100_000)}),
+            _variant(image[0], "bomb", **{"0_png": png_bomb_bytes(100_000, 100_000)}),
             _variant(image[0], "no-json", json=None),
             _variant(image[0], "bad-json", json=b"{not json"),
             _variant(image[0], "bad-record", json=json.dumps({"id": "bad-record"}).encode()),

@@ -49,7 +49,7 @@ def write_truncated_jpeg(path: Path | str, name: str = "coffee") -> Path:
     return path
 
 
-def write_png_bomb(path: Path | str, width: int = 20_000, height: int = 10_000) -> Path:
+def png_bomb_bytes(width: int = 20_000, height: int = 10_000) -> bytes:
     """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb's calling card).
 
     Built by hand with valid chunk CRCs, so PIL opens it and only the pixel count gives it away.
@@ -60,9 +60,13 @@ def write_png_bomb(path: Path | str, width: int = 20_000, height: int = 10_000) 
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
     idat = zlib.compress(b"\x00" * 16)  # far too little data: only the header matters
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def write_png_bomb(path: Path | str, width: int = 20_000, height: int = 10_000) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(png_bomb_bytes(width, height))
     return path
 
 

@@ -4,12 +4,10 @@ dropped without a count, every defect is counted under its own reason (tests/bad
 import json
 
 import bad_corpus
-import lightning as L
-from train_helpers import tiny_config
+from train_helpers import fit_and_validate, tiny_config
 
 from mmscene.train.datamodule import MMSceneDataModule
 from mmscene.train.module import MMSceneModule
-from mmscene.train.trainer import MMSceneTrainer
 
 SCENARIO = {"images": "single_image", "clips": "video", "meshes": "3d", "tars": "single_image"}
 
@@ -31,19 +29,7 @@ def test_every_defect_is_survived_and_counted_under_its_reason(tmp_path, demo_da
         max_length=512,
         shuffle_buffer=8,
     )
-    trainer = MMSceneTrainer(
-        accelerator="cpu",
-        max_steps=8,
-        val_check_interval=8,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        log_every_n_steps=2,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, datamodule=dm)
+    trainer = fit_and_validate(module, dm, tmp_path, steps=8)
     assert trainer.global_step == 8
 
     # validation: one pass over the corpus, every defect counted once under its reason

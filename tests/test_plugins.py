@@ -11,13 +11,12 @@ import json
 import math
 import random
 import re
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 import trimesh
+from fixtures_media import png_bomb_bytes
 from mmscene_plugins.multi_image import MultiImageScenario
 from mmscene_plugins.scene3d import Scene3DScenario
 from mmscene_plugins.single_image import SingleImageScenario
@@ -633,23 +632,10 @@ def test_truncated_images_refuse_to_decode_if_pil_is_told_to_accept_them(monkeyp
         media.decode_image(photo_bytes())
 
 
-def png_header_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def test_decompression_bomb_is_skipped(monkeypatch):
     for width, height in ((100_000, 100_000), (10_000, 10_000)):  # beyond PIL's own limit, beyond ours
         with pytest.raises(SkipSample) as err:
-            media.decode_image(png_header_claiming(width, height))
+            media.decode_image(png_bomb_bytes(width, height))
         assert err.value.reason == "bomb"
     # a real photo over a lowered limit: module attribute, and per plugin option
     data = photo_bytes()  # 512x512

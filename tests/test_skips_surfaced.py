@@ -6,8 +6,7 @@ import json
 import shutil
 import tarfile
 
-import lightning as L
-from train_helpers import tiny_config
+from train_helpers import fit_and_validate, tiny_config
 
 from mmscene.train.datamodule import MMSceneDataModule
 from mmscene.train.module import MMSceneModule
@@ -49,19 +48,7 @@ def test_skips_are_logged_tabled_and_recorded(tmp_path, demo_data, capfd):
         max_length=512,
         shuffle_buffer=0,  # in shard order: the corrupt first samples are read in the first steps
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=6,
-        val_check_interval=6,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        log_every_n_steps=2,
-        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, datamodule=dm)
+    fit_and_validate(module, dm, tmp_path, steps=6)
     with open(next((tmp_path / "logs").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     logged = [

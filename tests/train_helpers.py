@@ -121,3 +121,23 @@ def export_hf_and_compare(ckpt: Path, out: Path):
             hf(input_ids=ids, pixel_values=pixels).logits, ours(ids, pixels).logits, atol=1e-5, rtol=0
         )
     return hf
+
+
+def fit_and_validate(module, datamodule, root: Path, steps: int) -> L.Trainer:
+    """``steps`` training steps on CPU, validation after the last, metrics in ``root/logs`` (CSV)."""
+    from mmscene.train.trainer import MMSceneTrainer
+
+    trainer = MMSceneTrainer(
+        accelerator="cpu",
+        max_steps=steps,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=2,
+        logger=L.pytorch.loggers.CSVLogger(root, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(root),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
