@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -236,6 +237,9 @@ class MMSceneDataModule(L.LightningDataModule):
         )
 
     def _eval_loader(self, stage: str) -> DataLoader | list:
+        # Lightning warns that an IterableDataset's length may be wrong with several workers;
+        # EvalSamples splits its share per worker itself and its length counts each worker's batches.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         if not self.sources[stage]:
             return []
         rank, world = self._rank()
