@@ -262,3 +262,18 @@ def test_single_shard_forced_scenario_and_errors(demo, tmp_path, capsys):
 def test_summarize():
     assert summarize([5, 1, 3, 2, 4]) == {"min": 1.0, "median": 3.0, "mean": 3.0, "p95": 4.8, "max": 5.0}
     assert summarize([])["max"] == 0.0
+
+
+def test_broken_shards_are_reported_under_the_training_streams_reasons(demo_data, tmp_path):
+    import bad_corpus
+
+    folders = bad_corpus.build(demo_data, tmp_path / "corpus")
+    expected = {k.split("/", 1)[1]: n for k, n in bad_corpus.EXPECTED.items() if k.startswith("tars/")}
+    counts: dict[str, int] = {}
+    for folder in folders["tars"]:
+        result = inspect_path(folder, n=2, scenario="single_image")
+        for skipped in result.skipped:
+            counts[skipped.reason] = counts.get(skipped.reason, 0) + 1
+    # one report per defect (a cut shard is one report, however many samples it lost)
+    assert {reason for reason in counts} == set(expected)
+    assert counts["link_member"] == 2 and counts["unsafe_member_name"] == 2 and counts["empty_shard"] == 2

@@ -23,7 +23,6 @@ import json
 import logging
 import random
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.tar_reader import EMPTY_SHARD, TRUNCATED_SHARD, Defect, read_shard
 from mmscene.scenario import IMAGE_PLACEHOLDER, Example, Prompt, SkipSample
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,25 @@ def find_shards(path: str | Path) -> list[str]:
     return expand_shards(str(path))
 
 
-def _samples(shard: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard, read exactly as the training streams read them."""
-    import webdataset as wds
+def _samples(shard: str) -> Iterator[dict[str, Any] | Defect]:
+    """Raw samples of one shard, read exactly as the training streams read them: by the same tar
+    reader, with the same defects, and samples the shard index expects but the tar lacks."""
+    from mmscene.data.shards import indexed_shard
 
-    with open(shard, "rb") as stream:
-        files = ({**f, "__url__": shard} for f in wds.tariterators.tar_file_iterator(stream))
-        yield from wds.tariterators.group_by_keys(files)
+    seen = 0
+    for index, item in read_shard(shard):
+        seen = index + 1
+        if isinstance(item, Defect) and item.fatal:
+            yield item
+            return
+        yield item
+    if seen == 0:
+        yield Defect(EMPTY_SHARD, f"{shard}: a tar without samples", fatal=True)
+        return
+    entry = indexed_shard(shard)
+    if entry is not None and entry["samples"] > seen:
+        missing = entry["samples"] - seen
+        yield Defect(TRUNCATED_SHARD, f"{shard}: {missing} of {entry['samples']} samples missing", fatal=True)
 
 
 def _record(sample: dict[str, Any]) -> dict[str, Any] | None:
@@ -209,14 +221,14 @@ def inspect_path(
         return plugins[name]
 
     for shard in shards:
-        try:
-            for sample in _samples(shard):
-                _inspect_sample(sample, shard, scenario, plugin_for, lengths, result, n, stats_samples)
-        except (OSError, tarfile.TarError, ValueError) as err:
-            # the same failure the training stream counts as corrupt_shard
-            name = scenario or Path(shard).parent.name
-            result.skipped.append(Skipped("(rest of shard)", shard, name, "corrupt_shard", str(err)))
-            result.stats.setdefault(name, ScenarioStats()).skipped["corrupt_shard"] += 1
+        for sample in _samples(shard):
+            if isinstance(sample, Defect):  # counted under the reason the training stream uses
+                name = scenario or Path(shard).parent.name
+                key = sample.key or ("(rest of shard)" if sample.fatal else "?")
+                result.skipped.append(Skipped(key, shard, name, sample.reason, sample.detail))
+                result.stats.setdefault(name, ScenarioStats()).skipped[sample.reason] += 1
+                continue
+            _inspect_sample(sample, shard, scenario, plugin_for, lengths, result, n, stats_samples)
     return result
 
 
