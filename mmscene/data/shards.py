@@ -140,15 +140,6 @@ class ShardWriter:
             self.abort()
 
 
-def list_shards(root: Path | str, scenario: str | None = None) -> list[Path]:
-    """Shards under a converted folder (``ROOT/<scenario>/shard-*.tar``), or a folder of shards."""
-    root = Path(root)
-    if scenario is not None:
-        return sorted((root / scenario).glob(SHARD_GLOB))
-    direct = sorted(root.glob(SHARD_GLOB))
-    return direct or sorted(root.glob(f"*/{SHARD_GLOB}"))
-
-
 def write_index(directory: Path | str, counts: dict[str, int]) -> Path:
     """Record ``{shard name: sample count}`` (and each shard's size) beside the shards."""
     directory = Path(directory)
