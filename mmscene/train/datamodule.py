@@ -282,7 +282,9 @@ class MMSceneDataModule(L.LightningDataModule):
         return self._task_cache[stage]
 
     # ------------------------------------------------------------------ resumable state
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Before the transfer: the state holds thousands of restore keys that the device move
+        # would otherwise walk one by one, every step.
         if isinstance(batch, dict) and STATE_KEY in batch:
             entry = batch.pop(STATE_KEY)
             self._slots[str(entry["slot"])] = entry["state"]
