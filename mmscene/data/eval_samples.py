@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mmscene.data.mixer import Source, check_sources, prepare_sample
 from mmscene.data.shards import indexed_shard
 from mmscene.data.skips import SkipCounter
-from mmscene.data.tar_reader import EMPTY_SHARD, Defect, ShardScan, read_shard
+from mmscene.data.tar_reader import EMPTY_SHARD, TRUNCATED_SHARD, Defect, ShardScan, read_shard
 from mmscene.scenario import Scenario
 
 SKIPS_KEY = "_skips"
@@ -117,16 +117,14 @@ class EvalSamples(IterableDataset):
             if not wanted:
                 continue
             got = set()
-            for index, item in read_shard(
-                shard, wanted=lambda i, f=first: self._mine(f + i, worker, n_workers)
-            ):
+            for index, item in read_shard(shard, wanted=set(wanted).__contains__):
                 if index >= n:
                     break  # more samples than the index says: they belong to no share
                 got.add(index)
                 if isinstance(item, Defect):
                     lost = [i for i in wanted if i >= index] if item.fatal else [index]
-                    for _ in lost:
-                        skips.add(source.name, item.reason, f"{item.key}: {item.detail}")
+                    if lost:
+                        skips.add(source.name, item.reason, f"{item.key}: {item.detail}", len(lost))
                     got.update(lost)
                     continue
                 item["__shard__"] = shard
@@ -138,8 +136,10 @@ class EvalSamples(IterableDataset):
                     emitted += 1
                     yield out(sample)
             missing = [i for i in wanted if i not in got]  # cut off at a tar block boundary
-            for _ in missing:
-                skips.add(source.name, "truncated_shard", f"{shard}: sample missing")
+            if missing:
+                skips.add(
+                    source.name, TRUNCATED_SHARD, f"{shard}: {len(missing)} samples missing", len(missing)
+                )
         if last is None and emitted < quota:
             last = self._first_loadable()
         while emitted < quota and last is not None:

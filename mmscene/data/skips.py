@@ -15,12 +15,14 @@ class SkipCounter:
         self.counts: Counter[str] = Counter()
         self.log_first = log_first
 
-    def add(self, scenario: str, reason: str, detail: str = "") -> None:
+    def add(self, scenario: str, reason: str, detail: str = "", n: int = 1) -> None:
+        """Count ``n`` samples skipped for one reason (a cut shard loses several at once)."""
         key = f"{scenario}/{reason}"
-        self.counts[key] += 1
-        if self.counts[key] <= self.log_first:
-            log.warning("skipped sample (%s): %s", key, detail)
-        elif self.counts[key] == self.log_first + 1:
+        before = self.counts[key]
+        self.counts[key] += n
+        if before < self.log_first:
+            log.warning("skipped %s (%s): %s", "sample" if n == 1 else f"{n} samples", key, detail)
+        if before <= self.log_first < self.counts[key]:
             log.warning("skipped sample (%s): further skips of this reason are only counted", key)
 
     def state_dict(self) -> dict[str, int]:

@@ -61,7 +61,6 @@ class StreamState:
     fallback: bool = False
     empty_epochs: int = 0
     picks: int = 0  # samples handed out so far (seeds the next pick from the buffer)
-    buffer: list = dataclasses.field(default_factory=list)  # restore keys [shard id, sample index]
 
 
 class ShardStream:
@@ -106,12 +105,11 @@ class ShardStream:
         return order
 
     def state_dict(self) -> dict[str, Any]:
-        state = {f.name: getattr(self.state, f.name) for f in dataclasses.fields(StreamState)}
-        state["buffer"] = [key for key, _ in self._buffer]
-        return state
+        # the buffer's restore keys [shard id, sample index] come with the scan position
+        return {**dataclasses.asdict(self.state), "buffer": [key for key, _ in self._buffer]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = StreamState(**{**state, "buffer": []})
+        self.state = StreamState(**{k: v for k, v in state.items() if k != "buffer"})
         # restored now, not when iteration starts: state_dict() must give the keys back unchanged
         self._buffer = self._restore(state.get("buffer", []))
 
@@ -119,9 +117,8 @@ class ShardStream:
         return self._samples()
 
     def _skip(self, reason: str, detail: str, n: int = 1) -> None:
-        if self.skips is not None:
-            for _ in range(n):
-                self.skips.add(self.name, reason, detail)
+        if self.skips is not None and n > 0:
+            self.skips.add(self.name, reason, detail, n)
 
     def _samples(self) -> Iterator[dict[str, Any]]:
         scanned = self._scan()
