@@ -37,10 +37,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from mmscene.data.collate import pad_collate
-from mmscene.data.encode import ImageGeometry, PromptEncoder
-from mmscene.data.media import uniform_indices
-from mmscene.data.mixer import MixedBatches, Source
+from mmscene.data.media.decode import uniform_indices
+from mmscene.data.pipeline.collate import pad_collate
+from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
+from mmscene.data.pipeline.mixer import MixedBatches, Source
 from mmscene.registry import get_scenario
 from mmscene.scenario import Example
 
@@ -91,7 +91,7 @@ class LlavaStyleDataset(Dataset):
         else:
             import trimesh
 
-            from mmscene.data.render import render_views
+            from mmscene.data.media.render import render_views
 
             geometry = trimesh.load(str(self.root / rec["mesh"]))
             images = render_views(
@@ -235,7 +235,7 @@ def main() -> int:
     tmp = None
     data = args.data
     if data is None:
-        from mmscene.data.demo import make_demo
+        from mmscene.data.tools.demo import make_demo
 
         tmp = tempfile.TemporaryDirectory(prefix="mmscene-bench-")
         data = Path(tmp.name)

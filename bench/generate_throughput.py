@@ -26,8 +26,8 @@ from transformers import LlavaForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import IMAGE_TOKEN, PAD, build_llava, make_samples, photos  # noqa: E402
 
-from mmscene.data.collate import pad_collate  # noqa: E402
-from mmscene.model.core import MultimodalLM  # noqa: E402
+from mmscene.data.pipeline.collate import pad_collate  # noqa: E402
+from mmscene.model import load_pretrained
 
 EOS = 1
 
@@ -91,7 +91,7 @@ def main() -> None:
         build_llava(args).save_pretrained(tmp)
         models = {
             "plain": LlavaForConditionalGeneration.from_pretrained(tmp).eval(),
-            "mmscene": MultimodalLM.from_pretrained(tmp).eval(),
+            "mmscene": load_pretrained(tmp).eval(),
         }
     tpi = models["mmscene"].tokens_per_image()
     samples = make_samples(args.prompts, tpi, photos(args.image_size), args.vocab, seed=1)

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from mmscene.data.packing import first_fit, packed_collate
+from mmscene.data.pipeline.packing import first_fit, packed_collate
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.core import IGNORE_INDEX, MultimodalLM
 from mmscene.train.sharding import shard_units
@@ -60,7 +60,7 @@ def make_samples(n: int, tokens_per_image: int, tokens_per_frame: int, image_tok
 
 
 def padded_batches(samples, batch: int, pad_id: int):
-    from mmscene.data.collate import pad_collate
+    from mmscene.data.pipeline.collate import pad_collate
 
     out = []
     for i in range(0, len(samples), batch):

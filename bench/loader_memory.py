@@ -193,7 +193,7 @@ def main() -> int:
     tmp = None
     data = args.data
     if data is None:
-        from mmscene.data.demo import make_demo
+        from mmscene.data.tools.demo import make_demo
 
         tmp = tempfile.TemporaryDirectory(prefix="mmscene-bench-")
         data = Path(tmp.name)
@@ -201,7 +201,7 @@ def main() -> int:
         make_demo(data, n_train_per_scenario=args.samples_per_scenario, n_val_per_scenario=1, progress=False)
         print(f"generated {4 * args.samples_per_scenario} demo samples in {time.perf_counter() - t0:.1f} s")
 
-    from mmscene.data.mixer import STATE_KEY
+    from mmscene.data.pipeline.mixer import STATE_KEY
 
     dm = build_datamodule(data, args.config, args.workers, args.batch_size, args.shuffle_buffer)
     loader = dm.train_dataloader()

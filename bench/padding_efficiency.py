@@ -31,8 +31,8 @@ import json
 import os
 import random
 
-from mmscene.data.batching import TokenBudget, plan_batches
-from mmscene.data.packing import first_fit
+from mmscene.data.pipeline.batching import TokenBudget, plan_batches
+from mmscene.data.pipeline.packing import first_fit
 
 KINDS = ("single", "multi", "video", "text")
 WEIGHTS = (0.40, 0.30, 0.15, 0.15)

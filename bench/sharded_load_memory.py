@@ -115,12 +115,13 @@ def main() -> None:
     torch.set_num_threads(1)
     from mmscene.model.config import MultimodalConfig
     from mmscene.model.core import MultimodalLM
+    from mmscene.model.formats import save_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ckpt"
         model = MultimodalLM(MultimodalConfig(**_config(args)))
         model_bytes = sum(p.numel() * 4 for p in model.parameters())
-        model.save_pretrained(folder)
+        save_pretrained(model, folder)
         del model
         out = Path(tmp) / "rows.jsonl"
         for _ in range(args.rounds):

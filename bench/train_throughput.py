@@ -8,7 +8,7 @@ same samples (an M4-Instruct-like mix scaled to the tiny image size, real photos
 
   plain padded     transformers Llava, batches of --batch samples in arrival order, padded to the longest
   mmscene padded   MultimodalLM on exactly those batches (framework overhead; target within 5%)
-  mmscene packed   MultimodalLM on token-budget batches packed by mmscene.data.batching (target >= 1.3x plain)
+  mmscene packed   MultimodalLM on token-budget batches packed by mmscene.data.pipeline.batching (target >= 1.3x plain)
 
 Tokens/s counts real tokens (text + image positions, no padding) over the summed wall time of a mode's
 steps. The modes' steps are interleaved (always stepping the mode least far through its batches) so
@@ -34,10 +34,11 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from padding_efficiency import m4_mix  # noqa: E402
 
-from mmscene.data.batching import TokenBudget, collate_rows, plan_batches  # noqa: E402
-from mmscene.data.collate import pad_collate  # noqa: E402
-from mmscene.model.core import IGNORE_INDEX, MultimodalLM  # noqa: E402
-from mmscene.model.preprocess import preprocess_images  # noqa: E402
+from mmscene.data.media.preprocess import preprocess_images  # noqa: E402
+from mmscene.data.pipeline.batching import TokenBudget, collate_rows, plan_batches  # noqa: E402
+from mmscene.data.pipeline.collate import pad_collate  # noqa: E402
+from mmscene.model import load_pretrained
+from mmscene.model.core import IGNORE_INDEX  # noqa: E402
 
 PAD, IMAGE_TOKEN = 0, 3
 
@@ -158,7 +159,7 @@ def load(kind: str, path: str):
         model = LlavaForConditionalGeneration.from_pretrained(path)
         vision = model.model.vision_tower
     else:
-        model = MultimodalLM.from_pretrained(path)
+        model = load_pretrained(path)
         vision = model.vision_tower
     vision.requires_grad_(False)  # the paper's recipe: frozen tower (both sides)
     return model.train()
@@ -260,7 +261,7 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         build_llava(args).save_pretrained(tmp)
-        probe = MultimodalLM.from_pretrained(tmp)
+        probe = load_pretrained(tmp)
         tpi = probe.tokens_per_image()
         samples = make_samples(args.samples, tpi, photos(probe.image_size), args.vocab)
         pad_batches = padded(samples, args.batch)

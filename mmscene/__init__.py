@@ -9,16 +9,19 @@ __version__ = "0.1.0"
 
 # Loaded on first use so that `import mmscene` (and the CLI's data tools) stay fast.
 _EXPORTS = {
-    "IGNORE_INDEX": "mmscene.model.core",
+    "IGNORE_INDEX": "mmscene.constants",
     "MultimodalLM": "mmscene.model.core",
     "MultimodalConfig": "mmscene.model.config",
-    "CheckpointError": "mmscene.model.formats",
+    "CheckpointError": "mmscene.model.config",
+    "load_pretrained": "mmscene.model.formats",
+    "save_pretrained": "mmscene.model.formats",
+    "compose": "mmscene.model.compose",
     "register_projector": "mmscene.model.projector",
     "Scenario": "mmscene.scenario",
     "Example": "mmscene.scenario",
     "Prompt": "mmscene.scenario",
-    "SkipSample": "mmscene.scenario",
-    "IMAGE_PLACEHOLDER": "mmscene.scenario",
+    "SkipSample": "mmscene.skips",
+    "IMAGE_PLACEHOLDER": "mmscene.constants",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -20,15 +20,15 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="convert, generate and inspect shards").add_subparsers(
         dest="data_command", required=True
     )
-    from mmscene.data.convert import add_convert_arguments
+    from mmscene.data.ingest.convert import add_convert_arguments
 
     add_convert_arguments(
         data.add_parser("convert", help="LLaVA / M4-Instruct annotations -> WebDataset shards")
     )
-    from mmscene.data.demo import add_demo_arguments
+    from mmscene.data.tools.demo import add_demo_arguments
 
     add_demo_arguments(data.add_parser("demo", help="synthetic four-scenario dataset for configs/demo.yaml"))
-    from mmscene.data.inspect import add_inspect_arguments
+    from mmscene.data.tools.inspect import add_inspect_arguments
 
     add_inspect_arguments(data.add_parser("inspect", help="show samples of a shard or folder"))
 
@@ -84,14 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "data":
         if args.data_command == "convert":
-            from mmscene.data.convert import convert_main
+            from mmscene.data.ingest.convert import convert_main
 
             return convert_main(args)
         if args.data_command == "demo":
-            from mmscene.data.demo import demo_main
+            from mmscene.data.tools.demo import demo_main
 
             return demo_main(args)
-        from mmscene.data.inspect import inspect_main
+        from mmscene.data.tools.inspect import inspect_main
 
         return inspect_main(args)
     if args.command == "export":

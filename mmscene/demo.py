@@ -19,7 +19,7 @@ console = Console()
 
 
 def run(config: str, data: str, extra: list[str], **demo_kwargs) -> Path:
-    from mmscene.data.demo import make_demo
+    from mmscene.data.tools.demo import make_demo
     from mmscene.train.cli import build_cli
 
     t0 = time.perf_counter()

@@ -57,7 +57,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_main(args: argparse.Namespace, fmt: str) -> int:
-    from mmscene.model.formats import CheckpointError
+    from mmscene.model import CheckpointError, save_pretrained
     from mmscene.train.datamodule import load_tokenizer
 
     module, ckpt = load_module_from_checkpoint(args.checkpoint)
@@ -74,7 +74,7 @@ def export_main(args: argparse.Namespace, fmt: str) -> int:
         options = {"pad_to_square": bool(data.get("pad_to_square", True))}
         options["drop_frame_pooling"] = args.drop_frame_pooling
     try:
-        out = model.save_pretrained(args.out, format=fmt, **options)
+        out = save_pretrained(model, args.out, format=fmt, **options)
     except CheckpointError as err:  # a refusal with its reason, not a traceback
         print(f"mmscene export: error: {err}", file=sys.stderr)
         return 2

@@ -22,17 +22,11 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-IMAGE_PLACEHOLDER = "<image>"
-ROLES = ("system", "user", "assistant")
+from mmscene.constants import IMAGE_PLACEHOLDER, ROLES
+from mmscene.schema import validate_record
+from mmscene.skips import SkipSample
 
-
-class SkipSample(Exception):
-    """A sample that cannot be used. ``reason`` is a short stable slug that reports count by."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+__all__ = ["IMAGE_PLACEHOLDER", "ROLES", "Example", "Prompt", "Scenario", "SkipSample"]
 
 
 @dataclasses.dataclass
@@ -43,7 +37,7 @@ class Example:
         ``<image>`` placeholders as written in the record.
     images: decoded still images (single image, multi-image set, or 3D views).
     frames: decoded video frames (already sampled), with ``frame_times`` in seconds.
-    record: the sample's ``KEY.json`` document (see :mod:`mmscene.data.schema`).
+    record: the sample's ``KEY.json`` document (see :mod:`mmscene.schema`).
     """
 
     key: str
@@ -112,8 +106,6 @@ class Scenario:
     @staticmethod
     def read_record(sample: dict[str, Any]) -> dict[str, Any]:
         """The sample's ``KEY.json`` document, validated against the shard schema."""
-        from mmscene.data.schema import validate_record
-
         raw = sample.get("json")
         if raw is None:
             raise SkipSample("missing_json", f"sample {sample.get('__key__')} has no .json member")

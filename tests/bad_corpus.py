@@ -13,7 +13,7 @@ import av
 import numpy as np
 from fixtures_media import png_bomb_bytes
 
-from mmscene.data.shards import ShardWriter
+from mmscene.data.ingest.shard_writer import ShardWriter
 from mmscene.data.tar_reader import MAX_MEMBER_BYTES, read_shard
 
 EXPECTED = {

@@ -15,7 +15,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small demo dataset (all four scenarios) shared by the training tests."""
-    from mmscene.data.demo import make_demo
+    from mmscene.data.tools.demo import make_demo
 
     out = tmp_path_factory.mktemp("demo")
     make_demo(out, n_train_per_scenario=16, n_val_per_scenario=4, progress=False)

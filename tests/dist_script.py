@@ -38,9 +38,9 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 from train_helpers import KillAt, tiny_config
 
-from mmscene.data.collate import pad_collate
-from mmscene.data.eval_samples import EvalSamples
-from mmscene.data.mixer import Source
+from mmscene.data.pipeline.collate import pad_collate
+from mmscene.data.pipeline.eval_samples import EvalSamples
+from mmscene.data.pipeline.mixer import Source
 from mmscene.train.datamodule import MMSceneDataModule, load_tokenizer
 from mmscene.train.module import MMSceneModule
 from mmscene.train.ranks import from_all_ranks
@@ -56,7 +56,7 @@ class FixedSamples(L.LightningDataModule):
         self.data, self.batch_size, self.options = data, batch_size, options
 
     def setup(self, stage=None):
-        from mmscene.data.encode import PromptEncoder
+        from mmscene.data.pipeline.encode import PromptEncoder
         from mmscene.registry import get_scenario
 
         tok = load_tokenizer(str(self.data / "tokenizer"))

@@ -7,9 +7,9 @@ import pytest
 import torch
 import webdataset as wds
 
-from mmscene.data.batching import TokenBudget, parse_batching, plan_batches, row_collate
-from mmscene.data.collate import pad_collate
-from mmscene.data.mixer import STATE_KEY, MixedBatches, Source
+from mmscene.data.pipeline.batching import TokenBudget, parse_batching, plan_batches, row_collate
+from mmscene.data.pipeline.collate import pad_collate
+from mmscene.data.pipeline.mixer import STATE_KEY, MixedBatches, Source
 from mmscene.model.core import IGNORE_INDEX
 from mmscene.scenario import Example, Prompt, Scenario, SkipSample
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mmscene.model import save_pretrained
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 STEPS = 3
@@ -33,7 +35,7 @@ def tiny_pretrained(tmp_path_factory, demo_data) -> Path:
     module = MMSceneModule(model=cfg["model"]["model"])
     module.configure_model()
     out = tmp_path_factory.mktemp("llava-hf")
-    module.model.save_pretrained(out, format="llava-hf")
+    save_pretrained(module.model, out, format="llava-hf")
     return out
 
 

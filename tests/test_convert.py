@@ -23,7 +23,7 @@ from fixtures_media import (
 )
 from PIL import Image
 
-from mmscene.data.convert import (
+from mmscene.data.ingest.convert import (
     add_convert_arguments,
     check_image,
     check_mesh,
@@ -35,10 +35,10 @@ from mmscene.data.convert import (
     mesh_side_files,
     ordered_rules,
 )
-from mmscene.data.report import FIXES, SKIP_REASONS
-from mmscene.data.schema import JSON_SCHEMA, validate_record
-from mmscene.data.shards import KeyAllocator, safe_key
+from mmscene.data.ingest.report import FIXES, SKIP_REASONS
+from mmscene.data.ingest.shard_writer import KeyAllocator, safe_key
 from mmscene.scenario import SkipSample
+from mmscene.schema import JSON_SCHEMA, validate_record
 
 
 def turns(*values: str, first: str = "human") -> list[dict[str, str]]:

@@ -8,6 +8,7 @@ from helpers import IMAGE_TOKEN, interleaved_input, tiny_llava
 from safetensors.torch import load_file, save_file
 
 from mmscene import CheckpointError, MultimodalConfig, MultimodalLM
+from mmscene.model import compose, load_pretrained, save_pretrained
 from mmscene.model.config import hf_config_dict
 
 
@@ -78,7 +79,7 @@ def test_unknown_layout_and_missing_weights(tmp_path):
         json.dumps({"model_type": "bert", "architectures": ["BertModel"]})
     )
     with pytest.raises(CheckpointError, match="unknown checkpoint layout: model_type='bert'"):
-        MultimodalLM.from_pretrained(tmp_path / "bert")
+        load_pretrained(tmp_path / "bert")
 
     hf = tiny_llava()
     hf.save_pretrained(tmp_path / "hf")
@@ -88,10 +89,10 @@ def test_unknown_layout_and_missing_weights(tmp_path):
     del state[victim]
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match=r"missing weights: \['projector.linear_2.weight'\]"):
-        MultimodalLM.from_pretrained(tmp_path / "hf")
+        load_pretrained(tmp_path / "hf")
 
     with pytest.raises(CheckpointError, match="does not exist"):
-        MultimodalLM.from_pretrained(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
 
 
 def _vision_params(c) -> int:
@@ -132,15 +133,13 @@ def test_stage_composition_drops_last_vision_layer(tmp_path):
     full_tower = SiglipVisionModel(tiny_vision_config(num_hidden_layers=3)).eval()
     full_tower.save_pretrained(tmp_path / "siglip")
     Qwen2ForCausalLM(tiny_text_config()).save_pretrained(tmp_path / "qwen")
-    model = MultimodalLM.from_components(
-        tmp_path / "siglip", tmp_path / "qwen", image_token_id=IMAGE_TOKEN
-    ).eval()
+    model = compose(tmp_path / "siglip", tmp_path / "qwen", image_token_id=IMAGE_TOKEN).eval()
     assert len(model.vision_tower.encoder.layers) == 2
     pixels = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         expected = model.projector(full_tower(pixels, output_hidden_states=True).hidden_states[-2])
         torch.testing.assert_close(model.encode_images(pixels), expected[0])
     # The composed model saves and reloads in its own format with the shortened tower.
-    model.save_pretrained(tmp_path / "stage")
-    again = MultimodalLM.from_pretrained(tmp_path / "stage")
+    save_pretrained(model, tmp_path / "stage")
+    again = load_pretrained(tmp_path / "stage")
     assert again.config.vision_config.num_hidden_layers == 2

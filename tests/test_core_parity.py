@@ -8,7 +8,7 @@ from helpers import IMAGE_TOKEN, interleaved_input, tiny_llava
 from safetensors.torch import save_file
 from transformers import LlavaForConditionalGeneration
 
-from mmscene import MultimodalLM
+from mmscene.model import load_pretrained, save_pretrained
 
 
 def _logits_ref(hf, input_ids, pixel_values):
@@ -25,7 +25,7 @@ def _logits(model, input_ids, pixel_values):
 def test_llava_hf_roundtrip_parity(tmp_path, tie):
     hf = tiny_llava(tie=tie)
     hf.save_pretrained(tmp_path / "hf")
-    model = MultimodalLM.from_pretrained(tmp_path / "hf").eval()
+    model = load_pretrained(tmp_path / "hf").eval()
     input_ids, pixel_values = interleaved_input()
     ref = _logits_ref(hf, input_ids, pixel_values)
     ours = _logits(model, input_ids, pixel_values)
@@ -41,7 +41,7 @@ def test_llava_hf_roundtrip_parity(tmp_path, tie):
     assert our_tokens.tolist() == ref_tokens[:, input_ids.shape[1] :].tolist()
 
     # Export back and reload in transformers: same logits again.
-    model.save_pretrained(tmp_path / "export", format="llava-hf")
+    save_pretrained(model, tmp_path / "export", format="llava-hf")
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     torch.testing.assert_close(_logits_ref(again, input_ids, pixel_values), ref, atol=1e-5, rtol=0)
 
@@ -91,7 +91,7 @@ def test_llava_qwen_layout_parity(tmp_path):
     (vision_dir / "config.json").write_text(json.dumps(full))
     _write_llava_qwen(hf, tmp_path / "orig", vision_dir)
 
-    model = MultimodalLM.from_pretrained(tmp_path / "orig").eval()
+    model = load_pretrained(tmp_path / "orig").eval()
     assert model.config.vision_config.num_hidden_layers == hf.config.vision_config.num_hidden_layers
     input_ids, pixel_values = interleaved_input()
     torch.testing.assert_close(
@@ -105,7 +105,7 @@ def test_llava_qwen_layout_parity(tmp_path):
     )
     assert our_tokens.tolist() == ref_tokens[:, input_ids.shape[1] :].tolist()
 
-    model.save_pretrained(tmp_path / "export", format="llava-hf")
+    save_pretrained(model, tmp_path / "export", format="llava-hf")
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     torch.testing.assert_close(
         _logits_ref(again, input_ids, pixel_values),
@@ -118,10 +118,10 @@ def test_llava_qwen_layout_parity(tmp_path):
 def test_native_roundtrip(tmp_path):
     hf = tiny_llava()
     hf.save_pretrained(tmp_path / "hf")
-    model = MultimodalLM.from_pretrained(tmp_path / "hf").eval()
-    model.save_pretrained(tmp_path / "native")
+    model = load_pretrained(tmp_path / "hf").eval()
+    save_pretrained(model, tmp_path / "native")
     assert json.loads((tmp_path / "native" / "config.json").read_text())["format"] == "mmscene"
-    again = MultimodalLM.from_pretrained(tmp_path / "native").eval()
+    again = load_pretrained(tmp_path / "native").eval()
     input_ids, pixel_values = interleaved_input()
     assert torch.equal(_logits(again, input_ids, pixel_values), _logits(model, input_ids, pixel_values))
 
@@ -130,7 +130,7 @@ def test_batched_generate_with_different_image_counts(tmp_path):
     """Left-padded batch with 2 and 1 images gives the same tokens as each sample alone."""
     hf = tiny_llava()
     hf.save_pretrained(tmp_path / "hf")
-    model = MultimodalLM.from_pretrained(tmp_path / "hf").eval()
+    model = load_pretrained(tmp_path / "hf").eval()
     a_ids, a_pix = interleaved_input(n_images=2, seed=1)
     b_ids, b_pix = interleaved_input(n_images=1, seed=2)
     pad = a_ids.shape[1] - b_ids.shape[1]

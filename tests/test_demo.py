@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from mmscene.data import demo
-from mmscene.data.schema import validate_record
+from mmscene.data.tools import demo
+from mmscene.schema import validate_record
 
 N_TRAIN, N_VAL = 8, 4
 MEDIA_MEMBERS = {"single_image": 1, "multi_image": 3}  # image members per sample
@@ -289,7 +289,7 @@ def test_bad_parameters_are_refused(tmp_path):
 @pytest.mark.parametrize("scenario", demo.SCENARIOS)
 def test_each_scenario_loads_and_formats_through_its_plugin(demo_dir, scenario):
     from mmscene import registry
-    from mmscene.data.encode import ImageGeometry, PromptEncoder
+    from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
 
     registry.refresh()
     if scenario not in registry.available():

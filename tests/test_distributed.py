@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmscene.model import save_pretrained
+
 TESTS = Path(__file__).resolve().parent
 
 
@@ -205,7 +207,7 @@ def test_fsdp2_ranks_never_hold_the_full_model(tmp_path, demo_data):
     with torch.no_grad():
         for p in module.model.parameters():
             p.add_(torch.randn_like(p) * 0.02)  # not a fresh init: a swapped tensor would show
-    module.model.save_pretrained(tmp_path / "saved")
+    save_pretrained(module.model, tmp_path / "saved")
     saved = {k: v.clone() for k, v in module.model.state_dict().items()}
     done = _run(
         tmp_path / "run", "fsdp2", 2, 1, demo_data, "--pretrained", str(tmp_path / "saved"), "--probe-loading"

@@ -9,10 +9,10 @@ import pytest
 from torch.utils.data import DataLoader
 
 from mmscene.data import tar_reader
-from mmscene.data.encode import ImageGeometry, PromptEncoder
-from mmscene.data.eval_samples import SKIPS_KEY, EvalSamples, worker_quota
-from mmscene.data.mixer import Source
-from mmscene.data.shards import ShardWriter
+from mmscene.data.ingest.shard_writer import ShardWriter
+from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
+from mmscene.data.pipeline.eval_samples import SKIPS_KEY, EvalSamples, worker_quota
+from mmscene.data.pipeline.mixer import Source
 from mmscene.registry import get_scenario
 from mmscene.train.datamodule import _eval_collate, exit_with_parent, load_tokenizer
 

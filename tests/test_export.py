@@ -3,7 +3,7 @@
 from train_helpers import export_hf_and_compare, tiny_config, write_config
 from transformers import AutoProcessor
 
-from mmscene.data.demo import make_demo
+from mmscene.data.tools.demo import make_demo
 from mmscene.train.cli import build_cli
 
 
@@ -36,7 +36,7 @@ def test_export_follows_the_runs_preprocessing_and_refuses_frame_pooling(tmp_pat
     from PIL import Image
     from transformers import LlavaProcessor
 
-    from mmscene.data.encode import ImageGeometry, PromptEncoder
+    from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
     from mmscene.export import load_module_from_checkpoint
     from mmscene.scenario import Prompt
 

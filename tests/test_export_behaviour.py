@@ -20,12 +20,13 @@ from PIL import Image
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from mmscene import CheckpointError, MultimodalConfig, MultimodalLM
-from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
-from mmscene.data.encode import ImageGeometry, PromptEncoder
-from mmscene.data.local_tokenizer import train_tokenizer
+from mmscene.data.media.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalisation
+from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
+from mmscene.data.tools.local_tokenizer import train_tokenizer
+from mmscene.model import save_pretrained
 from mmscene.model.config import hf_config_dict
 from mmscene.model.export_hf import DROPPED_POOLING_FIELD
-from mmscene.model.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalisation
 from mmscene.scenario import Prompt
 
 SIZE = 42  # a 3x3 patch grid at patch 14
@@ -110,7 +111,7 @@ def chatml_text(processor: LlavaProcessor, prompt: Prompt) -> str:
 def test_exported_llava_answers_like_mmscene(tmp_path, tokenizer, images, tower, pad):
     model = build(tower, tokenizer)
     assert model.tokens_per_image() == TOWERS[tower][2]
-    model.save_pretrained(tmp_path, format="llava-hf", pad_to_square=pad)
+    save_pretrained(model, tmp_path, format="llava-hf", pad_to_square=pad)
 
     # mmscene: the training data path
     encoder = PromptEncoder(tokenizer, ImageGeometry.of(model, pad_to_square=pad))
@@ -164,11 +165,11 @@ def test_unknown_tower_has_no_silent_normalisation():
 def test_frame_pooling_is_refused_unless_dropped_loudly(tmp_path, tokenizer, images, caplog):
     model = build("siglip-full", tokenizer, frame_pool_stride=2)
     with pytest.raises(CheckpointError, match=r"frame_pool_stride=2.*--drop-frame-pooling"):
-        model.save_pretrained(tmp_path / "refused", format="llava-hf")
+        save_pretrained(model, tmp_path / "refused", format="llava-hf")
     assert not (tmp_path / "refused" / "config.json").exists()
 
     with caplog.at_level(logging.WARNING, logger="mmscene.model.export_hf"):
-        model.save_pretrained(tmp_path / "hf", format="llava-hf", drop_frame_pooling=True)
+        save_pretrained(model, tmp_path / "hf", format="llava-hf", drop_frame_pooling=True)
     assert "WITHOUT FRAME POOLING" in caplog.text
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config[DROPPED_POOLING_FIELD] == 2

@@ -22,11 +22,11 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from mmscene import registry
-from mmscene.data.collate import pad_collate
-from mmscene.data.convert import convert
-from mmscene.data.encode import ImageGeometry, PromptEncoder
-from mmscene.data.local_tokenizer import train_tokenizer
-from mmscene.data.mixer import MixedBatches, Source
+from mmscene.data.ingest.convert import convert
+from mmscene.data.pipeline.collate import pad_collate
+from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
+from mmscene.data.pipeline.mixer import MixedBatches, Source
+from mmscene.data.tools.local_tokenizer import train_tokenizer
 from mmscene.model.core import IGNORE_INDEX
 from mmscene.scenario import Scenario
 
@@ -201,7 +201,7 @@ def test_mixed_batches_stream_its_shards(plugin_package, doc_shards, tokenizer):
 
 
 def test_inspect_shows_its_pages(plugin_package, doc_shards):
-    from mmscene.data.inspect import inspect_path, render_html
+    from mmscene.data.tools.inspect import inspect_path, render_html
 
     result = inspect_path(doc_shards, n=3)
     assert sorted(s.prompt.key for s in result.shown["doc_pages"]) == ["doc-0", "doc-1", "doc-2"]

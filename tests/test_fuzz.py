@@ -44,15 +44,15 @@ from mmscene_plugins.scene3d import Scene3DScenario
 from mmscene_plugins.single_image import SingleImageScenario
 from mmscene_plugins.video import VideoScenario
 
-import mmscene.data.convert as convert_mod
-from mmscene.data import media
-from mmscene.data.annotations import MAX_NESTING
-from mmscene.data.convert import convert
-from mmscene.data.shards import ShardWriter
-from mmscene.data.skips import SkipCounter
-from mmscene.data.stream import ShardStream
+import mmscene.data.ingest.convert as convert_mod
+from mmscene.data.ingest.annotations import MAX_NESTING
+from mmscene.data.ingest.convert import convert
+from mmscene.data.ingest.shard_writer import ShardWriter
+from mmscene.data.media import decode as media
+from mmscene.data.pipeline.stream import ShardStream
 from mmscene.data.tar_reader import Defect, read_shard
 from mmscene.scenario import SkipSample
+from mmscene.skips import SkipCounter
 
 SLOW = os.environ.get("MMSCENE_SLOW") == "1"
 settings.register_profile(

@@ -16,12 +16,12 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
 
-from mmscene.data.demo import make_demo
-from mmscene.data.encode import ImageGeometry, PromptEncoder
-from mmscene.data.inspect import add_inspect_arguments, inspect_main, inspect_path, summarize
-from mmscene.data.schema import make_record
+from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
+from mmscene.data.tools.demo import make_demo
+from mmscene.data.tools.inspect import add_inspect_arguments, inspect_main, inspect_path, summarize
 from mmscene.registry import get_scenario
 from mmscene.scenario import IMAGE_PLACEHOLDER
+from mmscene.schema import make_record
 
 SCENARIOS = ("3d", "multi_image", "single_image", "video")
 PLUGIN_OPTIONS = {"3d": {"num_views": 4, "view_size": 48}}

@@ -8,9 +8,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from mmscene.data.mixer import MixedBatches, Source, WeightedChoice
-from mmscene.data.schema import make_record
+from mmscene.data.pipeline.mixer import MixedBatches, Source, WeightedChoice
 from mmscene.scenario import Example, Prompt, Scenario, SkipSample
+from mmscene.schema import make_record
 
 
 def test_weighted_choice_proportions_over_10k():

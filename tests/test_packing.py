@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import IMAGE_TOKEN, tiny_llava
 
-from mmscene.data.packing import first_fit, packed_collate
+from mmscene.data.pipeline.packing import first_fit, packed_collate
+from mmscene.model import load_pretrained
 from mmscene.model.core import IGNORE_INDEX
-from mmscene.model.formats import load_checkpoint
 
 
 def _sample(n_images, n_text, seed):
@@ -87,7 +87,7 @@ SAMPLES = [(2, 6, 1), (0, 9, 2), (1, 5, 3), (3, 4, 4)]  # 22, 9, 12, 25 tokens
 @pytest.mark.parametrize("budget,rows", [(80, 1), (40, 2)], ids=["1-row", "2-rows"])
 def test_packed_logits_and_loss_equal_unpacked(tmp_path, implementation, budget, rows):
     tiny_llava().save_pretrained(tmp_path / "hf")
-    model = load_checkpoint(tmp_path / "hf", attn_implementation=implementation).eval()
+    model = load_pretrained(tmp_path / "hf", attn_implementation=implementation).eval()
     assert model.language_model.config._attn_implementation == implementation
     assert model.vision_tower.config._attn_implementation == implementation
     _packed_vs_alone(model, [_sample(*a) for a in SAMPLES], budget, rows)
@@ -99,7 +99,7 @@ def test_packed_rows_become_one_row_for_varlen_attention(tmp_path, monkeypatch):
     from mmscene.model import attention
 
     tiny_llava().save_pretrained(tmp_path / "hf")
-    model = load_checkpoint(tmp_path / "hf", attn_implementation="sdpa").eval()
+    model = load_pretrained(tmp_path / "hf", attn_implementation="sdpa").eval()
     monkeypatch.setattr(attention, "needs_single_row", lambda impl: True)
     shapes = []
     model.language_model.model.register_forward_pre_hook(

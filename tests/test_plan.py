@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mmscene.cli import main as cli_main
-from mmscene.data.batching import TokenBudget
+from mmscene.data.pipeline.batching import TokenBudget
 from mmscene.launch.plan import plan
 from mmscene.model.config import MultimodalConfig
 

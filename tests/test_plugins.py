@@ -24,10 +24,10 @@ from mmscene_plugins.video import VideoScenario
 from PIL import Image, ImageFile
 
 from mmscene import registry
-from mmscene.data import media
-from mmscene.data.render import render_views
-from mmscene.data.schema import make_record
+from mmscene.data.media import decode as media
+from mmscene.data.media.render import render_views
 from mmscene.scenario import IMAGE_PLACEHOLDER, Prompt, SkipSample
+from mmscene.schema import make_record
 
 NAMES = {
     "single_image": SingleImageScenario,

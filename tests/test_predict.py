@@ -4,7 +4,7 @@ import json
 
 from train_helpers import tiny_config, write_config
 
-from mmscene.data.demo import make_demo
+from mmscene.data.tools.demo import make_demo
 from mmscene.train.cli import build_cli
 
 

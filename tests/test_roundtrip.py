@@ -26,15 +26,15 @@ from mmscene_plugins.video import VideoScenario
 from PIL import Image
 from transformers import AutoTokenizer
 
-from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
-from mmscene.data.collate import pad_collate
-from mmscene.data.convert import convert
-from mmscene.data.demo import COLOURS, NEUTRAL, ORDINALS, make_demo
-from mmscene.data.encode import ImageGeometry, PromptEncoder
-from mmscene.data.mixer import MixedBatches, Source
-from mmscene.data.schema import make_record
+from mmscene.data.ingest.convert import convert
+from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.pipeline.collate import pad_collate
+from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
+from mmscene.data.pipeline.mixer import MixedBatches, Source
+from mmscene.data.tools.demo import COLOURS, NEUTRAL, ORDINALS, make_demo
 from mmscene.model.core import IGNORE_INDEX
 from mmscene.scenario import SkipSample
+from mmscene.schema import make_record
 
 SIZE, PER_IMAGE, PER_POOLED = 32, 16, 4
 DEMO_FRAMES = 6  # make_demo's default clip length

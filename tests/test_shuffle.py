@@ -7,8 +7,8 @@ import webdataset as wds
 from fixtures_media import write_photo
 from test_mixer import write_shards
 
-from mmscene.data.convert import convert
-from mmscene.data.stream import ShardStream
+from mmscene.data.ingest.convert import convert
+from mmscene.data.pipeline.stream import ShardStream
 
 
 def _keys(stream, n):

@@ -370,7 +370,7 @@ def _metrics(path: Path) -> list[dict[str, str]]:
 
 
 def _tiny_config(tmp: Path, max_steps: int, strategy: str) -> Path:
-    from mmscene.data.demo import make_demo
+    from mmscene.data.tools.demo import make_demo
 
     data = tmp / "data"
     make_demo(data, n_train_per_scenario=16, n_val_per_scenario=4, progress=False)

@@ -46,11 +46,11 @@ from typing import Any
 
 import torch
 
-from mmscene.data.batching import TokenBudget
+from mmscene.constants import MODEL_PARTS
+from mmscene.data.pipeline.batching import TokenBudget
 
 GiB = 1024**3
 _BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-PARTS = ("vision", "projector", "llm")
 _ATTR = {"vision": "vision_tower", "projector": "projector", "llm": "language_model"}
 
 
@@ -113,12 +113,12 @@ def meta_model(config, freeze=("vision",)):
     """The model on the meta device, with the parts' requires_grad as training would set them."""
     from mmscene.model.core import MultimodalLM
 
-    unknown = sorted(set(freeze) - set(PARTS))
+    unknown = sorted(set(freeze) - set(MODEL_PARTS))
     if unknown:
-        raise ValueError(f"freeze: unknown parts {unknown}; choose from {PARTS}")
+        raise ValueError(f"freeze: unknown parts {unknown}; choose from {MODEL_PARTS}")
     with torch.device("meta"):
         model = MultimodalLM(config)
-    for part in PARTS:  # as MMSceneModule.configure_model does
+    for part in MODEL_PARTS:  # as MMSceneModule.configure_model does
         getattr(model, _ATTR[part]).requires_grad_(part not in freeze)
     if hasattr(model, "freeze_unused"):
         model.freeze_unused()
@@ -129,14 +129,14 @@ def parameter_counts(model) -> dict[str, dict[str, int]]:
     """``{part: {"total", "trainable"}}`` for vision / projector / llm and their total."""
     params: dict[str, dict[str, int]] = {}
     seen: set[int] = set()
-    for part in PARTS:
+    for part in MODEL_PARTS:
         own = [p for p in _unique(getattr(model, _ATTR[part]).parameters()) if id(p) not in seen]
         seen.update(id(p) for p in own)
         params[part] = {
             "total": sum(p.numel() for p in own),
             "trainable": sum(p.numel() for p in own if p.requires_grad),
         }
-    params["total"] = {k: sum(params[p][k] for p in PARTS) for k in ("total", "trainable")}
+    params["total"] = {k: sum(params[p][k] for p in MODEL_PARTS) for k in ("total", "trainable")}
     return params
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from mmscene.data.batching import TokenBudget, parse_batching
+from mmscene.data.pipeline.batching import TokenBudget, parse_batching
 
 GiB = 1024**3
 # An "80 GB" H100 reports 81,559 MiB; the estimate leaves out the CUDA context, NCCL buffers and

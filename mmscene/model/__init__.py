@@ -1,6 +1,7 @@
-from mmscene.model.config import MultimodalConfig, load_preset, preset_names
+from mmscene.model.compose import compose
+from mmscene.model.config import CheckpointError, MultimodalConfig, load_preset, preset_names
 from mmscene.model.core import IGNORE_INDEX, MultimodalLM
-from mmscene.model.formats import CheckpointError
+from mmscene.model.formats import load_pretrained, save_pretrained
 from mmscene.model.projector import build_projector, register_projector
 
 __all__ = [
@@ -9,7 +10,10 @@ __all__ = [
     "MultimodalConfig",
     "MultimodalLM",
     "build_projector",
+    "compose",
+    "load_pretrained",
     "load_preset",
     "preset_names",
     "register_projector",
+    "save_pretrained",
 ]

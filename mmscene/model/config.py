@@ -119,3 +119,7 @@ def hf_config_dict(config: PretrainedConfig) -> dict[str, Any]:
         data.pop(key, None)
     data["model_type"] = config.model_type
     return data
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as a model."""

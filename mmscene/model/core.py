@@ -7,7 +7,6 @@ those positions in order: first image of the batch first.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,11 +15,11 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mmscene.constants import IGNORE_INDEX
 from mmscene.model import attention
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.projector import build_projector
 
-IGNORE_INDEX = -100
 _CLS_TOWERS = ("clip_vision_model",)  # towers whose first token is a CLS token
 
 
@@ -233,27 +232,6 @@ class MultimodalLM(nn.Module):
         return self.language_model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )
-
-    # ------------------------------------------------------------------ construction / IO
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs: Any) -> MultimodalLM:
-        """Load an mmscene, transformers-Llava or original ``llava_qwen`` checkpoint directory."""
-        from mmscene.model.formats import load_checkpoint
-
-        return load_checkpoint(path, **kwargs)
-
-    @classmethod
-    def from_components(cls, vision: str | Path, llm: str | Path, **kwargs: Any) -> MultimodalLM:
-        """Pretrained vision tower + pretrained LLM + a fresh projector (stage composition)."""
-        from mmscene.model.compose import compose
-
-        return compose(vision, llm, **kwargs)
-
-    def save_pretrained(self, out_dir: str | Path, format: str = "mmscene", **kwargs: Any) -> Path:
-        """Write a checkpoint directory: ``mmscene`` (native) or ``llava-hf`` (transformers Llava)."""
-        from mmscene.model.formats import save_checkpoint
-
-        return save_checkpoint(self, out_dir, format=format, **kwargs)
 
     def num_parameters(self) -> dict[str, int]:
         """Unique parameter counts per part (tied weights counted once)."""

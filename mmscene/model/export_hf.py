@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from mmscene.model.config import CheckpointError
 from mmscene.model.core import _CLS_TOWERS, MultimodalLM
-from mmscene.model.formats import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def build_processor(model: MultimodalLM, tokenizer, pad_to_square: bool = True):
     """A ``LlavaProcessor`` that gives the pixels and ``<image>`` expansion of mmscene's data path."""
     from transformers import LlavaImageProcessorPil, LlavaProcessor
 
-    from mmscene.model.preprocess import image_processor_settings
+    from mmscene.data.media.preprocess import image_processor_settings
 
     # The PIL backend resizes with PIL, as training does. transformers picks its torchvision
     # backend at load time when torchvision is installed, whose bicubic kernel is its own, not

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from mmscene.model.config import DEFAULT_IMAGE_TOKEN_ID, MultimodalConfig, hf_config_dict, load_preset
+from mmscene.model.config import (
+    DEFAULT_IMAGE_TOKEN_ID,
+    CheckpointError,
+    MultimodalConfig,
+    hf_config_dict,
+    load_preset,
+)
 from mmscene.model.core import MultimodalLM
 from mmscene.model.weights import LazyWeights, write_weights
 
@@ -31,10 +37,6 @@ log = logging.getLogger(__name__)
 # Weights that exist in checkpoints but never influence the features the core uses.
 _UNUSED = re.compile(r"^vision_tower\.(post_layernorm|head)\.")
 _SIGLIP_PRESETS = {"google/siglip-so400m-patch14-384": "siglip-so400m-patch14-384-26l"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be read as a model."""
 
 
 # ---------------------------------------------------------------------- detection
@@ -103,7 +105,7 @@ def _config(
     return _config_from_llava_qwen(raw, state, folder, overrides)
 
 
-def load_checkpoint(
+def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
@@ -296,7 +298,7 @@ def _llava_qwen_vision(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- saving
-def save_checkpoint(model: MultimodalLM, out_dir: str | Path, format: str = "mmscene", **kwargs: Any) -> Path:
+def save_pretrained(model: MultimodalLM, out_dir: str | Path, format: str = "mmscene", **kwargs: Any) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if format == "mmscene":

@@ -16,12 +16,12 @@ import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from mmscene.data.batching import parse_batching, row_collate
-from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
-from mmscene.data.collate import pad_collate
-from mmscene.data.encode import PromptEncoder
-from mmscene.data.eval_samples import SKIPS_KEY, EvalSamples
-from mmscene.data.mixer import STATE_KEY, MixedBatches, Source, check_sources
+from mmscene.data.pipeline.batching import parse_batching, row_collate
+from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.pipeline.collate import pad_collate
+from mmscene.data.pipeline.encode import PromptEncoder
+from mmscene.data.pipeline.eval_samples import SKIPS_KEY, EvalSamples
+from mmscene.data.pipeline.mixer import STATE_KEY, MixedBatches, Source, check_sources
 from mmscene.data.tar_reader import Located, ShardScan, read_located
 from mmscene.registry import get_scenario
 
@@ -59,7 +59,7 @@ class MMSceneDataModule(L.LightningDataModule):
         seed: data order and formatting randomness (independent of the model seed).
         shuffle_buffer: samples each training stream shuffles among (held as shard locations,
             not bytes, and saved in checkpoints as restore keys); 0 reads shards in order.
-        batching: how training batches are formed (see :mod:`mmscene.data.batching`):
+        batching: how training batches are formed (see :mod:`mmscene.data.pipeline.batching`):
             ``{mode: samples}`` (default) takes ``batch_size`` samples padded to the longest;
             ``{mode: tokens, max_tokens: 4096, lookahead: 64, pack: true, row_tokens: null}``
             fills a budget of ``max_tokens`` tokens per batch (padding included), chosen from a
@@ -67,7 +67,7 @@ class MMSceneDataModule(L.LightningDataModule):
             ``max_tokens``) or, with ``pack: false``, one sample per row padded to the batch's
             longest. The buffer is part of the resumable data state.
         predict: JSONL of prompts with media paths for ``mmscene predict`` (see
-            :mod:`mmscene.data.prompts`); media paths are confined to ``predict_media_root``;
+            :mod:`mmscene.data.ingest.prompts`); media paths are confined to ``predict_media_root``;
             answers go to ``predict_output``.
     """
 
@@ -168,7 +168,7 @@ class MMSceneDataModule(L.LightningDataModule):
             self._prepare_prompts()
 
     def _prepare_prompts(self) -> None:
-        from mmscene.data.prompts import prompts_to_shards
+        from mmscene.data.ingest.prompts import prompts_to_shards
 
         if not self.predict:
             raise ValueError(

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from mmscene.model.core import IGNORE_INDEX
+from mmscene.constants import IGNORE_INDEX
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

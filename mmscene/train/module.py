@@ -11,7 +11,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from mmscene.model import attention
+from mmscene.constants import MODEL_PARTS
+from mmscene.model import attention, compose, load_pretrained
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.core import MultimodalLM
 from mmscene.train import sharding
@@ -21,7 +22,6 @@ from mmscene.train.ranks import concatenated
 
 log = logging.getLogger(__name__)
 
-PARTS = ("vision", "projector", "llm")
 _ATTR = {"vision": "vision_tower", "projector": "projector", "llm": "language_model"}
 
 
@@ -68,13 +68,13 @@ class MMSceneModule(L.LightningModule):
         self.save_hyperparameters()
         self.spec = model or {"config": {}}
         self.freeze = list(["vision"] if freeze is None else freeze)
-        unknown = sorted(set(self.freeze) - set(PARTS))
+        unknown = sorted(set(self.freeze) - set(MODEL_PARTS))
         if unknown:
-            raise ValueError(f"freeze: unknown parts {unknown}; choose from {PARTS}")
+            raise ValueError(f"freeze: unknown parts {unknown}; choose from {MODEL_PARTS}")
         self.lr = {"vision": 2e-6, "projector": 1e-5, "llm": 1e-5, **(lr or {})}
-        unknown = sorted(set(self.lr) - set(PARTS))
+        unknown = sorted(set(self.lr) - set(MODEL_PARTS))
         if unknown:
-            raise ValueError(f"lr: unknown parts {unknown}; choose from {PARTS}")
+            raise ValueError(f"lr: unknown parts {unknown}; choose from {MODEL_PARTS}")
         self.model_config = model_config(self.spec)
         self.attn_implementation = attention.resolve(attn_implementation)
         self.model: MultimodalLM | None = None
@@ -105,7 +105,7 @@ class MMSceneModule(L.LightningModule):
         )
 
     def _prepare(self, model: MultimodalLM) -> MultimodalLM:
-        for part in PARTS:
+        for part in MODEL_PARTS:
             getattr(model, _ATTR[part]).requires_grad_(part not in self.freeze)
         model.freeze_unused()
         if self.hparams.activation_checkpointing:
@@ -115,7 +115,7 @@ class MMSceneModule(L.LightningModule):
         return model
 
     def geometry(self, pad_to_square: bool = True):
-        from mmscene.data.encode import ImageGeometry
+        from mmscene.data.pipeline.encode import ImageGeometry
 
         with torch.device("meta"):
             probe = MultimodalLM(self.model_config)
@@ -199,7 +199,7 @@ class MMSceneModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = []
-        for part in PARTS:
+        for part in MODEL_PARTS:
             if part in self.freeze:
                 continue
             decay, no_decay = [], []
@@ -353,13 +353,11 @@ def build_model(
     if "config" in spec:
         return MultimodalLM(config, attn_implementation)
     if "pretrained" in spec:
-        return MultimodalLM.from_pretrained(
+        return load_pretrained(
             spec["pretrained"], attn_implementation=attn_implementation, **spec.get("overrides", {})
         )
     comp = dict(spec["components"])
-    return MultimodalLM.from_components(
-        comp.pop("vision"), comp.pop("llm"), attn_implementation=attn_implementation, **comp
-    )
+    return compose(comp.pop("vision"), comp.pop("llm"), attn_implementation=attn_implementation, **comp)
 
 
 def skeleton(config: MultimodalConfig, attn_implementation: str | None = None) -> MultimodalLM:

@@ -1,8 +1,8 @@
 """The four built-in scenario plugins of mmscene.
 
 They register under the ``mmscene.scenarios`` entry point group exactly as a third-party package
-would, and use only mmscene's public modules (:mod:`mmscene.scenario`, :mod:`mmscene.data.media`,
-:mod:`mmscene.data.render`, :mod:`mmscene.metrics`):
+would, and use only mmscene's public modules (:mod:`mmscene.scenario`, :mod:`mmscene.data.media.decode`,
+:mod:`mmscene.data.media.render`, :mod:`mmscene.metrics`):
 
 =================  ===========================================  ==================================
 scenario name      class                                        media

@@ -5,8 +5,14 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from mmscene.data.media import decode_image, load_mesh, uniform_indices
-from mmscene.data.render import camera_distance, orbit_poses, render_views
+from mmscene.data.media import (
+    camera_distance,
+    decode_image,
+    load_mesh,
+    orbit_poses,
+    render_views,
+    uniform_indices,
+)
 from mmscene.scenario import IMAGE_PLACEHOLDER, Example, Prompt, Scenario, SkipSample
 from mmscene_plugins import (
     count_placeholders,

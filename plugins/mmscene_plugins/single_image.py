@@ -20,7 +20,7 @@ class SingleImageScenario(Scenario):
     the first user turn, the LLaVA convention).
 
     Options:
-        max_pixels: decompression-bomb limit in pixels (default :data:`mmscene.data.media.MAX_IMAGE_PIXELS`).
+        max_pixels: decompression-bomb limit in pixels (default :data:`mmscene.data.media.decode.MAX_IMAGE_PIXELS`).
     """
 
     name = "single_image"

@@ -1,4 +1,7 @@
-"""Counting skipped samples: nothing is dropped without a reason that reaches the logs."""
+"""Skipped samples: the exception a loader raises and the counter every stage reports with.
+
+Nothing is dropped without a reason that reaches the logs.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,15 @@ import logging
 from collections import Counter
 
 log = logging.getLogger("mmscene.skips")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used. ``reason`` is a short stable slug that reports count by."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
 
 
 class SkipCounter:

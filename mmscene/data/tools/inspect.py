@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
 from mmscene.data.tar_reader import EMPTY_SHARD, TRUNCATED_SHARD, Defect, read_shard
 from mmscene.scenario import IMAGE_PLACEHOLDER, Example, Prompt, SkipSample
 
@@ -108,7 +108,7 @@ def summarize(values: list[int]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------- reading
 def find_shards(path: str | Path) -> list[str]:
-    from mmscene.data.stream import expand_shards
+    from mmscene.data.pipeline.stream import expand_shards
 
     return expand_shards(str(path))
 
@@ -150,7 +150,7 @@ class _Lengths:
         self.tokens_per_pooled_image = tokens_per_pooled_image
         self.encoder = None
         if tokenizer is not None:
-            from mmscene.data.encode import ImageGeometry, PromptEncoder
+            from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
 
             # Only lengths are wanted: a tiny image size keeps the pixel preprocessing negligible.
             geometry = ImageGeometry(

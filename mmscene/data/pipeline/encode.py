@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 import torch
 
-from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT, QWEN_1_5_TEMPLATE
-from mmscene.model.core import IGNORE_INDEX
-from mmscene.model.preprocess import MEAN, STD, normalisation, preprocess_images
+from mmscene.constants import IGNORE_INDEX
+from mmscene.data.media.preprocess import MEAN, STD, normalisation, preprocess_images
+from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, QWEN_1_5_TEMPLATE
 from mmscene.scenario import IMAGE_PLACEHOLDER, Prompt, SkipSample
 
 
@@ -27,7 +27,7 @@ class ImageGeometry:
     tokens_per_image: int
     tokens_per_pooled_image: int
     pad_to_square: bool = True
-    image_mean: tuple[float, ...] = MEAN  # the tower's normalisation (mmscene.model.preprocess)
+    image_mean: tuple[float, ...] = MEAN  # the tower's normalisation (mmscene.data.media.preprocess)
     image_std: tuple[float, ...] = STD
 
     @classmethod

@@ -20,12 +20,12 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmscene.data.batching import TokenBudget
+from mmscene.data.pipeline.batching import TokenBudget
+from mmscene.data.pipeline.stream import DEFAULT_SHUFFLE_BUFFER, ShardStream, expand_shards
 from mmscene.data.seeds import FORMAT, SOURCE, rng_for
 from mmscene.data.shards import indexed_shard
-from mmscene.data.skips import SkipCounter
-from mmscene.data.stream import DEFAULT_SHUFFLE_BUFFER, ShardStream, expand_shards
 from mmscene.scenario import Scenario, SkipSample
+from mmscene.skips import SkipCounter
 
 log = logging.getLogger(__name__)
 STATE_KEY = "_data_state"
@@ -102,7 +102,7 @@ class MixedBatches(IterableDataset):
         shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     ):
         """``tokens`` switches to token-budget batches (``collate(samples, rows)``, see
-        :mod:`mmscene.data.batching`); else batches of ``batch_size`` samples (``collate(samples)``).
+        :mod:`mmscene.data.pipeline.batching`); else batches of ``batch_size`` samples (``collate(samples)``).
         ``shuffle_buffer`` is the number of samples each stream shuffles among (0 or 1: in order)."""
         self.sources = sources
         self.shards = check_sources(sources)

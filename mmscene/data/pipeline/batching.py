@@ -6,7 +6,7 @@ waits more than ``lookahead`` batches (which also bounds what a resume has to re
 the rest of the budget so that padding is minimal:
 
 - ``pack: true``: first-fit-decreasing into rows of ``row_tokens`` (several samples per row,
-  positions restart, see :mod:`mmscene.data.packing`); the batch holds ``max_tokens // row_tokens``
+  positions restart, see :mod:`mmscene.data.pipeline.packing`); the batch holds ``max_tokens // row_tokens``
   rows. A sample is never split, so its images always stay in its row.
 - ``pack: false``: one sample per row, rows padded to the batch's longest; samples of similar
   length are grouped so that ``rows x longest <= max_tokens``.
@@ -30,8 +30,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from mmscene.data.collate import pad_collate
-from mmscene.data.packing import first_fit, packed_collate
+from mmscene.data.pipeline.collate import pad_collate
+from mmscene.data.pipeline.packing import first_fit, packed_collate
 
 BATCHING_KEYS = ("mode", "max_tokens", "lookahead", "pack", "row_tokens")
 
@@ -141,7 +141,7 @@ def collate_rows(
 
 
 def row_collate(pad_id: int, pack: bool) -> Callable[[list[dict[str, Any]], list[list[int]]], dict[str, Any]]:
-    """A picklable ``collate(samples, rows)`` for :class:`~mmscene.data.mixer.MixedBatches` (workers)."""
+    """A picklable ``collate(samples, rows)`` for :class:`~mmscene.data.pipeline.mixer.MixedBatches` (workers)."""
     from functools import partial
 
     return partial(collate_rows, pad_id=pad_id, pack=pack)
@@ -150,7 +150,7 @@ def row_collate(pad_id: int, pack: bool) -> Callable[[list[dict[str, Any]], list
 def plan_batches(budget: TokenBudget, lengths: list[int]) -> list[list[list[int]]]:
     """The batches the mixer forms from samples arriving with ``lengths``, as rows of indices.
 
-    Offline twin of the buffer loop in :class:`~mmscene.data.mixer.MixedBatches` (fill to
+    Offline twin of the buffer loop in :class:`~mmscene.data.pipeline.mixer.MixedBatches` (fill to
     ``lookahead``, plan, remove), for benchmarks and for sizing a budget on known lengths.
     """
     batches: list[list[list[int]]] = []

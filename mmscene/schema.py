@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmscene.scenario import ROLES, SkipSample
+from mmscene.constants import ROLES
+from mmscene.skips import SkipSample
 
 SCHEMA_VERSION = 1
 MEDIA_TYPES = ("image", "video", "mesh")

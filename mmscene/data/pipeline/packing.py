@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from mmscene.data.collate import META_KEYS, _cat_images
-from mmscene.model.core import IGNORE_INDEX
+from mmscene.constants import IGNORE_INDEX
+from mmscene.data.pipeline.collate import META_KEYS, _cat_images
 
 
 def first_fit(

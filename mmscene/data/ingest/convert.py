@@ -1,6 +1,6 @@
 """``mmscene data convert``: LLaVA / M4-Instruct annotations -> WebDataset shards grouped by scenario.
 
-The annotation file is streamed (:mod:`mmscene.data.annotations`: a ``.json`` top-level array
+The annotation file is streamed (:mod:`mmscene.data.ingest.annotations`: a ``.json`` top-level array
 element by element, a ``.jsonl`` line by line), each record is validated and its media read as original bytes, and the
 good ones are written to ``OUT/<scenario>/shard-NNNNNN.tar``; the rest go to ``OUT/rejected.jsonl``
 with a stable reason slug, and ``OUT/report.json`` counts both. See ``docs/data-format.md``.
@@ -32,12 +32,13 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
-from mmscene.data.annotations import Item, iter_annotations, json_line, shuffled_annotations
-from mmscene.data.media import MAX_IMAGE_PIXELS
-from mmscene.data.report import UNKNOWN_SCENARIO, ConvertReport
-from mmscene.data.schema import make_record
-from mmscene.data.shards import INDEX_NAME, SHARD_GLOB, KeyAllocator, ShardWriter
+from mmscene.data.ingest.annotations import Item, iter_annotations, json_line, shuffled_annotations
+from mmscene.data.ingest.report import UNKNOWN_SCENARIO, ConvertReport
+from mmscene.data.ingest.shard_writer import KeyAllocator, ShardWriter
+from mmscene.data.media.decode import MAX_IMAGE_PIXELS
+from mmscene.data.shards import INDEX_NAME, SHARD_GLOB
 from mmscene.scenario import IMAGE_PLACEHOLDER, SkipSample
+from mmscene.schema import make_record
 
 SINGLE_IMAGE, MULTI_IMAGE, VIDEO, THREE_D = "single_image", "multi_image", "video", "3d"
 AUTO = "auto"
@@ -52,7 +53,7 @@ DEFAULT_RULES: dict[str, str] = {
     "3d-llm": THREE_D,
 }
 
-# The same limit the loaders apply (mmscene.data.media), so nothing converted is refused later.
+# The same limit the loaders apply (mmscene.data.media.decode), so nothing converted is refused later.
 BOMB_PIXELS = MAX_IMAGE_PIXELS
 MESH_TYPES = ("obj", "glb", "gltf", "ply", "stl", "off")
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

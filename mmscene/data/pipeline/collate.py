@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from mmscene.model.core import IGNORE_INDEX
+from mmscene.constants import IGNORE_INDEX
 
 META_KEYS = ("key", "scenario", "task", "question_type", "answer", "options")
 

@@ -18,11 +18,11 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmscene.data.mixer import Source, check_sources, prepare_sample
+from mmscene.data.pipeline.mixer import Source, check_sources, prepare_sample
 from mmscene.data.shards import indexed_shard
-from mmscene.data.skips import SkipCounter
 from mmscene.data.tar_reader import EMPTY_SHARD, TRUNCATED_SHARD, Defect, ShardScan, read_shard
 from mmscene.scenario import Scenario
+from mmscene.skips import SkipCounter
 
 SKIPS_KEY = "_skips"
 

@@ -37,7 +37,7 @@ def normalisation(vision_model_type: str) -> dict[str, tuple[float, ...]]:
     if vision_model_type not in NORMALISATION:
         raise ValueError(
             f"no image normalisation known for vision tower model_type {vision_model_type!r}; known: "
-            f"{', '.join(sorted(NORMALISATION))} (add its mean/std to mmscene.model.preprocess.NORMALISATION)"
+            f"{', '.join(sorted(NORMALISATION))} (add its mean/std to mmscene.data.media.preprocess.NORMALISATION)"
         )
     mean, std = NORMALISATION[vision_model_type]
     return {"image_mean": mean, "image_std": std}

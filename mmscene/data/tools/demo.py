@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmscene.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
 from mmscene.scenario import IMAGE_PLACEHOLDER
 
 # Bump when the generated content changes, so an old OUT/DONE no longer counts as done.
@@ -171,7 +171,7 @@ def make_demo(
             raise RuntimeError(f"converting the demo {split} split lost samples: {reports[split]}")
     t_convert = time.perf_counter() - start - t_generate
 
-    from mmscene.data.local_tokenizer import save_tokenizer, train_tokenizer
+    from mmscene.data.tools.local_tokenizer import save_tokenizer, train_tokenizer
 
     tokenizer = train_tokenizer(
         _tokenizer_corpus(records["train"] + records["val"]), vocab_size=TOKENIZER_VOCAB_SIZE
@@ -469,7 +469,7 @@ def solid_mesh(kind: str, colour: tuple[int, int, int], rng: random.Random):
 
 # ------------------------------------------------------------------------------------- plumbing
 def _convert_split(annotations: Path, media_root: Path, out: Path, n: int, progress: bool) -> dict[str, Any]:
-    from mmscene.data.convert import convert
+    from mmscene.data.ingest.convert import convert
 
     # About four shards per scenario, so that several dataloader workers / ranks each get one.
     shard_size = max(1, math.ceil(n / 4))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmscene.data.convert import convert
+from mmscene.data.ingest.convert import convert
 
 
 def _as_annotation(row: dict, index: int) -> dict:
