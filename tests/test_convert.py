@@ -23,18 +23,10 @@ from fixtures_media import (
 )
 from PIL import Image
 
-from mmscene.data.ingest.convert import (
-    add_convert_arguments,
-    check_image,
-    check_mesh,
-    check_video,
-    convert,
-    convert_main,
-    infer_scenario,
-    iter_annotations,
-    mesh_side_files,
-    ordered_rules,
-)
+from mmscene.data.ingest.annotations import iter_annotations
+from mmscene.data.ingest.convert import add_convert_arguments, convert, convert_main
+from mmscene.data.ingest.media_files import check_image, check_mesh, check_video, mesh_side_files
+from mmscene.data.ingest.records import infer_scenario, ordered_rules
 from mmscene.data.ingest.report import FIXES, SKIP_REASONS
 from mmscene.data.ingest.shard_writer import KeyAllocator, safe_key
 from mmscene.scenario import SkipSample

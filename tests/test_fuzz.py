@@ -44,7 +44,7 @@ from mmscene_plugins.scene3d import Scene3DScenario
 from mmscene_plugins.single_image import SingleImageScenario
 from mmscene_plugins.video import VideoScenario
 
-import mmscene.data.ingest.convert as convert_mod
+import mmscene.data.ingest.records as records_mod
 from mmscene.data.ingest.annotations import MAX_NESTING
 from mmscene.data.ingest.convert import convert
 from mmscene.data.ingest.shard_writer import ShardWriter
@@ -301,13 +301,13 @@ def _run_convert(files: Files, lines: list[bytes], as_array: bool, keep_order: b
         ann = work / ("a.json" if as_array else "a.jsonl")
         ann.write_bytes(b"[" + b",\n".join(lines) + b"]" if as_array else b"\n".join(lines) + b"\n")
         reads: list[str] = []
-        real_read = convert_mod._read
+        real_read = records_mod.read_file
 
         def recording_read(path: str) -> bytes:
             reads.append(path)
             return real_read(path)
 
-        with mock.patch.object(convert_mod, "_read", recording_read), no_hang():
+        with mock.patch.object(records_mod, "read_file", recording_read), no_hang():
             report = convert(ann, files.root, work / "out", progress=False, keep_order=keep_order, seed=1)
         _check_conversion(files, work / "out", len(lines), report, reads)
     finally:
