@@ -27,7 +27,12 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from mmscene.data.ingest.convert import convert
-from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.pipeline.chat_template import (
+    DEFAULT_SYSTEM_PROMPT,
+    QWEN_1_5_TEMPLATE,
+    render_chat,
+    with_system_prompt,
+)
 from mmscene.data.pipeline.collate import pad_collate
 from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
 from mmscene.data.pipeline.mixer import MixedBatches, Source
@@ -371,3 +376,20 @@ def test_corrupt_media_is_skipped_at_load_and_counted_while_iteration_goes_on(de
     # one before it, and reads it before every read of the good one after it
     for name, (before, after) in around.items():
         assert seen.count(after) <= skips[f"{name}/corrupt_media"] <= seen.count(before)
+
+
+def test_render_chat_is_the_encoders_template(tok):
+    """Tools that measure or train on chat text without a tokenizer see what the encoder tokenizes."""
+    conversations = [
+        [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    ]
+    for conversation in conversations:
+        for generation in (False, True):
+            messages = with_system_prompt(conversation, DEFAULT_SYSTEM_PROMPT)
+            expected = tok.apply_chat_template(
+                messages, chat_template=QWEN_1_5_TEMPLATE, tokenize=False, add_generation_prompt=generation
+            )
+            assert render_chat(conversation, add_generation_prompt=generation) == expected
+            assert expected == chatml(conversation) + ("<|im_start|>assistant\n" if generation else "")
+    assert render_chat(conversations[1]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")

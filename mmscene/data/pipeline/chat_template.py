@@ -1,4 +1,13 @@
-"""The qwen_1_5 ChatML template of LLaVA-NeXT-Interleave, used when a tokenizer has none."""
+"""The qwen_1_5 ChatML template of LLaVA-NeXT-Interleave, used when a tokenizer has none.
+
+One template: the encoder hands it to the tokenizer's ``apply_chat_template``; tools that need
+the same text without a tokenizer (length statistics, the demo's tokenizer corpus) render it
+with :func:`render_chat`, through the same Jinja engine.
+"""
+
+from __future__ import annotations
+
+import functools
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -9,3 +18,30 @@ QWEN_1_5_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def with_system_prompt(conversation: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """``{"role", "content"}`` messages, opened by ``system_prompt`` unless the conversation has one."""
+    messages = [{"role": t["role"], "content": t["content"]} for t in conversation]
+    if system_prompt is not None and (not messages or messages[0]["role"] != "system"):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+@functools.cache
+def _compiled(template: str):
+    # The sandboxed environment transformers renders chat templates with.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
+def render_chat(
+    conversation: list[dict[str, str]],
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    add_generation_prompt: bool = False,
+    template: str = QWEN_1_5_TEMPLATE,
+) -> str:
+    """The text ``template`` makes of a conversation (``<image>`` placeholders left in place)."""
+    messages = with_system_prompt(conversation, system_prompt)
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt)

@@ -14,7 +14,7 @@ import torch
 
 from mmscene.constants import IGNORE_INDEX
 from mmscene.data.media.preprocess import MEAN, STD, normalisation, preprocess_images
-from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, QWEN_1_5_TEMPLATE
+from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, QWEN_1_5_TEMPLATE, with_system_prompt
 from mmscene.scenario import IMAGE_PLACEHOLDER, Prompt, SkipSample
 
 
@@ -86,10 +86,7 @@ class PromptEncoder:
 
     # ------------------------------------------------------------------ pieces
     def _messages(self, conversation: list[dict[str, str]]) -> list[dict[str, str]]:
-        msgs = [{"role": t["role"], "content": t["content"]} for t in conversation]
-        if self.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
-            msgs.insert(0, {"role": "system", "content": self.system_prompt})
-        return msgs
+        return with_system_prompt(conversation, self.system_prompt)
 
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         if not messages:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
+from mmscene.data.pipeline.chat_template import render_chat
 from mmscene.scenario import IMAGE_PLACEHOLDER
 
 # Bump when the generated content changes, so an old OUT/DONE no longer counts as done.
@@ -504,13 +504,15 @@ def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 def _tokenizer_corpus(records: Iterable[dict[str, Any]]) -> list[str]:
     # Rendered as the ChatML turns the encoder will tokenize, so merges cover role headers too.
-    texts = []
-    for record in records:
-        turns = [("system", DEFAULT_SYSTEM_PROMPT)] + [
-            ("user" if t["from"] == "human" else "assistant", t["value"]) for t in record["conversations"]
-        ]
-        texts.append("".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns))
-    return texts
+    return [
+        render_chat(
+            [
+                {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                for t in record["conversations"]
+            ]
+        )
+        for record in records
+    ]
 
 
 def _counts(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
