@@ -401,6 +401,27 @@ def test_infer_scenario_rules():
     assert rules[0] == ("scanqa_v1", "b")
 
 
+def test_both_annotation_formats_read_standard_json_only(tmp_path, monkeypatch):
+    """Lines and arrays accept the same language: big integers and escaped lone surrogates are
+    kept as the json module keeps them; NaN, Infinity and out-of-range numbers are refused."""
+    kept = [{"id": 10**30, "text": "a\ud800b", "f": 1e308, "emoji": "\U0001f600"}]
+    lines, array = tmp_path / "a.jsonl", tmp_path / "a.json"
+    lines.write_text(json.dumps(kept[0]) + "\n")
+    array.write_text(json.dumps(kept))
+    assert [it.record for it in iter_annotations(lines)] == kept == [it.record for it in iter_annotations(array)]
+    for bad in ("NaN", "Infinity", "-Infinity", "1e400"):
+        lines.write_text(f'{{"id": 1}}\n{{"id": 2, "x": {bad}}}\n{{"id": 3}}\n')
+        items = list(iter_annotations(lines))
+        assert [bool(it.error) for it in items] == [False, True, False], bad
+        array.write_text(f'[{{"id": 1}}, {{"id": 2, "x": {bad}}}]')
+        with pytest.raises(ValueError, match="malformed JSON array at element 1"):
+            list(iter_annotations(array))
+    monkeypatch.setattr("mmscene.data.ingest.annotations.MAX_ELEMENT_CHARS", 1000)
+    array.write_text(json.dumps([{"id": 1}, {"id": 2, "text": "x" * 5000}]))
+    with pytest.raises(ValueError, match="element 1: element larger than 1000 bytes"):
+        list(iter_annotations(array, chunk_size=64))
+
+
 def test_streaming_json_parser(tmp_path):
     recs = [
         {"id": f"r{i}", "text": 'brackets ] [ } { and "quotes", commas', "uni": "名前 ✓ \u2028", "n": i * 1.5}

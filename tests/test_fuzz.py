@@ -192,7 +192,9 @@ REASONS = {
 }
 ODD_TEXT = ["<image>", "<image><image>", "\ud800", "\x00", "é", "\u202e", "\ufeff", "<IMAGE>", "<image", "\n"]
 text = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(ODD_TEXT)), max_size=4).map("".join)
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), text)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), text
+)
 junk = st.recursive(
     scalars,
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
@@ -364,14 +366,12 @@ def test_convert_rejects_records_nested_too_deeply(files, tmp_path, depth):
     ann.write_bytes(line + b"\n")
     report = convert(ann, files.root, tmp_path / "out", progress=False)
     assert report["skipped"] == {"bad_json": 1}
-    ann = tmp_path / "a.json"
-    ann.write_bytes(b"[" + line + b"]")
-    if depth == MAX_NESTING + 1:
-        report = convert(ann, files.root, tmp_path / "out2", progress=False)
-        assert report["skipped"] == {"bad_json": 1}
-    else:  # too deep to parse at all: the array cannot be resynchronised
-        with pytest.raises(ValueError, match="nested too deeply"):
-            convert(ann, files.root, tmp_path / "out2", progress=False)
+    ann = tmp_path / "a.json"  # read past without being built: the next element still converts
+    ann.write_bytes(b"[" + line + b", " + _encode({"id": "after"}) + b"]")
+    report = convert(ann, files.root, tmp_path / "out2", progress=False)
+    assert report["skipped"] == {"bad_json": 1, "no_conversation": 1}
+    rejected = [json.loads(x) for x in (tmp_path / "out2" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["reason"]) for r in rejected] == [(0, "bad_json"), (1, "no_conversation")]
 
 
 # -- 2. media bytes through the decoders and the plugins -------------------------------------------
