@@ -19,7 +19,12 @@ def read_training_checkpoint(path: Path) -> dict[str, Any]:
 
 def _read_sharded(folder: Path) -> dict[str, Any]:
     """The model weights of a distributed checkpoint (torch.distributed.checkpoint) as one state
-    dict; optimizer states stay on disk (only the model's tensors are planned and read)."""
+    dict; optimizer states stay on disk (only the model's tensors are planned and read).
+
+    Public DCP API only (``read_metadata`` + ``dcp.load`` of a model-only state dict). Not
+    ``format_utils.dcp_to_torch_save``: it materialises the optimizer states too (AdamW: twice
+    the model again in host RAM) and writes them to a file before anything can be exported.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata

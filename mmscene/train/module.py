@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +215,7 @@ class MMSceneModule(L.LightningModule):
             raise ValueError("nothing to train: every part is frozen")
         optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-        schedule = lr_lambda(self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = lr_schedule(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ validation
@@ -311,16 +309,17 @@ def _core_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def lr_lambda(warmup: int, total: int | None, min_ratio: float):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if not total or total <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_schedule(optimizer, warmup: int, total: int | None, min_ratio: float):
+    """Linear warmup from 0, then cosine decay to ``min_ratio`` of each group's LR at ``total``
+    (transformers' schedules, as LLaVA's trainer uses); constant after warmup without a total."""
+    from transformers.optimization import (
+        get_constant_schedule_with_warmup,
+        get_cosine_with_min_lr_schedule_with_warmup,
+    )
 
-    return factor
+    if not total or total <= warmup:
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=min_ratio)
 
 
 def model_config(spec: dict[str, Any]) -> MultimodalConfig:
