@@ -75,7 +75,7 @@ class PromptEncoder:
         messages = self._messages(conv)
         text = self._render(messages, add_generation_prompt=True)
         n_images = text.count(IMAGE_PLACEHOLDER)
-        ids = self._tokens(text, prompt.pooled[:n_images], first_image=0)
+        ids = self._tokens(text, prompt.pooled[:n_images])
         if self.max_length is not None and len(ids) > self.max_length:
             raise SkipSample(
                 "too_long", f"{prompt.key}: prompt of {len(ids)} tokens > max_length {self.max_length}"
@@ -122,9 +122,7 @@ class PromptEncoder:
             n_images = 0
             for text, is_target in pieces:
                 n = text.count(IMAGE_PLACEHOLDER)
-                piece = self._tokens(
-                    text, prompt.pooled[image_index : image_index + n], first_image=image_index
-                )
+                piece = self._tokens(text, prompt.pooled[image_index : image_index + n])
                 ids += piece
                 labels += piece if is_target else [IGNORE_INDEX] * len(piece)
                 image_index += n
@@ -146,7 +144,7 @@ class PromptEncoder:
                 "mmscene cannot locate assistant turns with it: set a different chat template"
             )
 
-    def _tokens(self, text: str, pooled: list[bool], first_image: int) -> list[int]:
+    def _tokens(self, text: str, pooled: list[bool]) -> list[int]:
         parts = text.split(IMAGE_PLACEHOLDER)
         ids: list[int] = []
         g = self.geometry
