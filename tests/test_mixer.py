@@ -120,17 +120,29 @@ def test_formatting_does_not_predict_the_next_source(tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_get_disjoint_samples_and_never_starve(tmp_path, world):
-    # one tiny shard per source, fewer shards than ranks: every rank still yields batches
-    write_shards(tmp_path / "a", "a", 6, 10)
-    write_shards(tmp_path / "b", "b", 2, 10)
-    seen = []
+    """Each rank reads its own part of every source (whole shards when there are enough, every
+    n-th sample of a shard when not) and the parts cover the source; a rank whose part would be
+    empty (2 samples, 3 ranks) reads the whole source instead of starving."""
+    write_shards(tmp_path / "a", "a", 21, 3)  # 7 shards: split by shard
+    write_shards(tmp_path / "b", "b", 5, 5)  # 1 shard: split by sample
+    write_shards(tmp_path / "c", "c", 2, 2)  # 1 shard of 2: the third rank falls back
+    sources = [Source(shards=str(tmp_path / n / "*.tar"), scenario="toy", name=n) for n in "abc"]
+    seen: list[dict[str, set[str]]] = []
     for rank in range(world):
-        it = iter(make(tmp_path, rank=rank, world_size=world))
-        keys = [k for _ in range(3) for k in next(it)["keys"]]
-        assert len(keys) == 12
-        seen.append(keys)
-    first_epoch = [set(k for k in keys[:2]) for keys in seen]
-    assert all(first_epoch)
+        ds = MixedBatches(sources, {"toy": Toy()}, encode, collate, 4, seed=3, rank=rank, world_size=world)
+        it = iter(ds)
+        keys = [k for _ in range(150) for k in next(it)["keys"]]  # every part read many times over
+        seen.append({n: {k for k in keys if k.startswith(n)} for n in "abc"})
+    for name, total in (("a", 21), ("b", 5)):
+        parts = [s[name] for s in seen]
+        assert all(parts), (name, parts)
+        assert sum(map(len, parts)) == len(set().union(*parts)) == total, (name, parts)  # disjoint, covering
+    assert seen[0]["b"] == {f"b{i:05d}" for i in range(0, 5, world)}  # every world-th sample
+    c_parts = [s["c"] for s in seen]
+    if world == 2:
+        assert c_parts == [{"c00000"}, {"c00001"}]
+    else:
+        assert c_parts[:2] == [{"c00000"}, {"c00001"}] and c_parts[2] == {"c00000", "c00001"}
 
 
 def test_source_validation(tmp_path):
