@@ -42,9 +42,10 @@ class Scoreboard:
                 metric.update([answer], [m["answer"]], options)
             self.predictions.append(
                 {
-                    **{k: m[k] for k in ("key", "scenario", "task")},
+                    **{k: m[k] for k in ("key", "scenario", "task", "question_type")},
                     "prediction": answer,
                     "answer": m["answer"],
+                    **({"options": m["options"]} if m.get("options") else {}),
                 }
             )
 
