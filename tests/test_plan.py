@@ -292,3 +292,28 @@ def test_shipped_recipes_plan_to_fit_80gb_with_their_token_budget(name, preset, 
     assert cli_main(args) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if "<- configured strategy" in line)
     assert "SDPA" in line and " fits 79.6 GiB" in line
+
+
+# Peak torch.cuda.max_memory_allocated of a real FSDP2 step on one H200 (0.5B config, bf16 compute /
+# fp32 reduce, AdamW, SDPA, one 729-token image per sample, b = 1), as recorded in docs/slurm.md.
+H200_PEAKS_GIB = {(2048, False): 12.9, (8192, False): 29.9, (2048, True): 10.8, (8192, True): 21.6}
+
+
+@pytest.mark.parametrize(("s", "checkpointing"), sorted(H200_PEAKS_GIB))
+def test_plan_is_a_safe_bound_on_the_measured_gpu_peak(s, checkpointing):
+    """Measured, not the planner's own arithmetic: the plan never undershoots a real step's peak
+    and overshoots it by at most a quarter; the docs' table shows the same numbers."""
+    got = plan(
+        MultimodalConfig(vision="siglip-so400m-patch14-384-26l", text="qwen1.5-0.5b-chat"),
+        nodes=1,
+        gpus_per_node=1,
+        max_length=s,
+        micro_batch=1,
+        images_per_sample=1,
+        activation_checkpointing=checkpointing,
+    )
+    measured = H200_PEAKS_GIB[(s, checkpointing)]
+    planned = got.fsdp["total_sdpa"] / GiB
+    assert measured <= planned <= 1.25 * measured
+    row = f"| {s} | {'yes' if checkpointing else 'no'} | {measured} GiB | {planned:.1f} GiB |"
+    assert row in (REPO / "docs" / "slurm.md").read_text(), row
