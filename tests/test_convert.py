@@ -408,7 +408,9 @@ def test_both_annotation_formats_read_standard_json_only(tmp_path, monkeypatch):
     lines, array = tmp_path / "a.jsonl", tmp_path / "a.json"
     lines.write_text(json.dumps(kept[0]) + "\n")
     array.write_text(json.dumps(kept))
-    assert [it.record for it in iter_annotations(lines)] == kept == [it.record for it in iter_annotations(array)]
+    assert (
+        [it.record for it in iter_annotations(lines)] == kept == [it.record for it in iter_annotations(array)]
+    )
     for bad in ("NaN", "Infinity", "-Infinity", "1e400"):
         lines.write_text(f'{{"id": 1}}\n{{"id": 2, "x": {bad}}}\n{{"id": 3}}\n')
         items = list(iter_annotations(lines))

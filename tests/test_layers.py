@@ -16,7 +16,11 @@ ROOT = Path(mmscene.__file__).parent
 # Bottom to top. A module may import its own group and the groups of lower rank; groups of
 # equal rank (the three data stages beside the model) do not import each other.
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
-    (0, "floor", ("mmscene.constants", "mmscene.skips", "mmscene.schema", "mmscene.metrics", "mmscene.scenario")),
+    (
+        0,
+        "floor",
+        ("mmscene.constants", "mmscene.skips", "mmscene.schema", "mmscene.metrics", "mmscene.scenario"),
+    ),
     (1, "registry", ("mmscene.registry",)),
     (1, "shard format", ("mmscene.data.shards", "mmscene.data.tar_reader", "mmscene.data.seeds")),
     (2, "media", ("mmscene.data.media",)),
@@ -66,7 +70,9 @@ def layer_of(module: str) -> tuple[int, str]:
     best = None
     for rank, group, prefixes in LAYERS:
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[0]):
+            if (module == prefix or module.startswith(prefix + ".")) and (
+                best is None or len(prefix) > best[0]
+            ):
                 best = (len(prefix), rank, group)
     assert best is not None or module in PACKAGE_DOCS_ONLY, f"{module} belongs to no layer: add it to LAYERS"
     return (best[1], best[2]) if best else (-1, "package docs")
@@ -148,5 +154,7 @@ heavy += sorted(m for m in sys.modules if m.startswith("torch.distributed") and 
 heavy += sorted(m for m in sys.modules if m.startswith("mmscene.model") or m.startswith("mmscene.train"))
 print(" ".join(heavy))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "", f"importing the pipeline pulled in: {out}"
