@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from mmscene.data.tools import demo
+from mmscene.data.tools import demo, demo_media, demo_tasks
 from mmscene.schema import validate_record
 
 N_TRAIN, N_VAL = 8, 4
@@ -50,12 +50,12 @@ def test_converter_keeps_every_sample_and_writes_all_scenarios(demo_dir):
     for split, n in (("train", N_TRAIN), ("val", N_VAL)):
         assert demo._skipped_total(summary["converter"][split]) == 0, summary["converter"][split]
         records = _records(demo_dir, split)
-        assert len(records) == n * len(demo.SCENARIOS)
-        for scenario in demo.SCENARIOS:
+        assert len(records) == n * len(demo_tasks.SCENARIOS)
+        for scenario in demo_tasks.SCENARIOS:
             assert _shards(demo_dir, split, scenario), f"no {split} shards for {scenario}"
             assert summary["shards"][split][scenario]
             per_task = summary["counts"][split][scenario]
-            assert set(per_task) == set(demo.SCENARIO_TASKS[scenario])
+            assert set(per_task) == set(demo_tasks.SCENARIO_TASKS[scenario])
             assert sum(sum(v.values()) for v in per_task.values()) == n
     assert (demo_dir / "DONE").is_file()
 
@@ -64,14 +64,14 @@ def test_converter_keeps_every_sample_and_writes_all_scenarios(demo_dir):
 def test_shards_read_back_with_plain_webdataset(demo_dir, split, n):
     raw = {r["id"]: r for r in _records(demo_dir, split)}
     seen = set()
-    for scenario in demo.SCENARIOS:
+    for scenario in demo_tasks.SCENARIOS:
         samples = list(wds.WebDataset(_shards(demo_dir, split, scenario), shardshuffle=False))
         assert len(samples) == n, scenario
         for sample in samples:
             record = json.loads(sample["json"])
             validate_record(record)
             assert record["scenario"] == scenario
-            assert record["task"] in demo.SCENARIO_TASKS[scenario]
+            assert record["task"] in demo_tasks.SCENARIO_TASKS[scenario]
             source = raw[record["id"]]
             seen.add(source["id"])
             assert record["conversations"][-1] == {
@@ -96,13 +96,13 @@ def test_shards_read_back_with_plain_webdataset(demo_dir, split, n):
 
 # ---------------------------------------------------------------------------------- balance
 def _generate(scenario: str, n: int, tmp_path: Path, option_order: str = "shuffled") -> list[dict]:
-    gen = demo._Generator(
+    gen = demo_tasks.Generator(
         random.Random(f"test:{scenario}"), tmp_path / "media", scenario, 32, 3, option_order
     )
     return [gen.sample(scenario, i, f"{scenario}-{i}") for i in range(n)]
 
 
-@pytest.mark.parametrize("scenario", demo.SCENARIOS)
+@pytest.mark.parametrize("scenario", demo_tasks.SCENARIOS)
 def test_answers_are_balanced_and_correct(scenario, tmp_path):
     records = _generate(scenario, 96, tmp_path)
     labels: dict[tuple, Counter] = defaultdict(Counter)
@@ -110,42 +110,42 @@ def test_answers_are_balanced_and_correct(scenario, tmp_path):
     option_counts = Counter()
     for r in records:
         meta = r["metadata"]
-        task = demo.TASKS[meta["dataset"]]
+        task = demo_tasks.TASKS[meta["dataset"]]
         question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
         labels[task.name, meta["question_type"]][meta["label"]] += 1
         if meta["question_type"] == "multi-choice":
             options = meta["options"]
             option_counts[len(options)] += 1
             assert 3 <= len(options) <= 4 and len(set(options)) == len(options)
-            assert options[demo.LETTERS.index(answer)] == task.option_text(meta["label"])
-            for letter, text in zip(demo.LETTERS, options):
+            assert options[demo_tasks.LETTERS.index(answer)] == task.option_text(meta["label"])
+            for letter, text in zip(demo_tasks.LETTERS, options):
                 assert f"\n{letter}. {text}\n" in question
             letters[task.name, len(options)][answer] += 1
         else:
             assert answer == meta["label"] and len(answer.split()) <= 2
             assert "\nA. " not in question
-    for task_name in demo.SCENARIO_TASKS[scenario]:
-        task = demo.TASKS[task_name]
+    for task_name in demo_tasks.SCENARIO_TASKS[scenario]:
+        task = demo_tasks.TASKS[task_name]
         for qtype in ("multi-choice", "open-ended"):
             counts = labels[task_name, qtype]
             assert set(counts) == set(task.classes), (task_name, qtype, counts)
             assert max(counts.values()) - min(counts.values()) <= 1, (task_name, qtype, counts)
     for (task_name, n_options), counts in letters.items():
-        assert set(counts) == set(demo.LETTERS[:n_options]), (task_name, counts)
+        assert set(counts) == set(demo_tasks.LETTERS[:n_options]), (task_name, counts)
         assert max(counts.values()) - min(counts.values()) <= 1, (task_name, counts)
     n_mc = sum(option_counts.values())
     assert n_mc == len(records) // 2  # half multiple choice, half open-ended
 
 
-@pytest.mark.parametrize("scenario", demo.SCENARIOS)
+@pytest.mark.parametrize("scenario", demo_tasks.SCENARIOS)
 def test_fixed_option_order_lists_every_class_in_order(scenario, tmp_path):
     for r in _generate(scenario, 24, tmp_path, option_order="fixed"):
         meta = r["metadata"]
         if meta["question_type"] != "multi-choice":
             continue
-        task = demo.TASKS[meta["dataset"]]
+        task = demo_tasks.TASKS[meta["dataset"]]
         assert meta["options"] == [task.option_text(c) for c in task.classes]
-        assert r["conversations"][1]["value"] == demo.LETTERS[task.classes.index(meta["label"])]
+        assert r["conversations"][1]["value"] == demo_tasks.LETTERS[task.classes.index(meta["label"])]
 
 
 def test_multi_image_odd_one_differs_in_colour_only(demo_dir):
@@ -160,12 +160,14 @@ def test_multi_image_odd_one_differs_in_colour_only(demo_dir):
         colours = []
         for rel in r["image"]:
             px = np.asarray(Image.open(demo_dir / "raw" / "media" / rel).convert("RGB")).reshape(-1, 3)
-            fg = px[np.abs(px.astype(int) - demo.BACKGROUND).sum(1) > 60]
-            palette = {**demo.COLOURS, demo.NEUTRAL[0]: demo.NEUTRAL[1]}
+            fg = px[np.abs(px.astype(int) - demo_media.BACKGROUND).sum(1) > 60]
+            palette = {**demo_media.COLOURS, demo_media.NEUTRAL[0]: demo_media.NEUTRAL[1]}
             colours.append(min(palette, key=lambda c: np.abs(fg.mean(0) - palette[c]).sum()))
-        odd = demo.ORDINALS.index(r["metadata"]["label"])
+        odd = demo_tasks.ORDINALS.index(r["metadata"]["label"])
         assert colours[odd] == r["metadata"]["odd_colour"]
-        assert all(c == r["metadata"]["colour"] == demo.NEUTRAL[0] for j, c in enumerate(colours) if j != odd)
+        assert all(
+            c == r["metadata"]["colour"] == demo_media.NEUTRAL[0] for j, c in enumerate(colours) if j != odd
+        )
 
 
 # ------------------------------------------------------------------------------------ media
@@ -175,7 +177,7 @@ def test_video_decodes_and_square_moves_in_stated_direction(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     num_frames = summary["params"]["num_frames"]
     videos = [r for r in _records(demo_dir, "train") if "video" in r]
-    assert videos and {r["metadata"]["label"] for r in videos} == set(demo.DIRECTIONS)
+    assert videos and {r["metadata"]["label"] for r in videos} == set(demo_media.DIRECTIONS)
     for r in videos:
         path = demo_dir / "raw" / "media" / r["video"]
         assert path.stat().st_size < 10_000  # a few KB
@@ -184,7 +186,7 @@ def test_video_decodes_and_square_moves_in_stated_direction(demo_dir):
         frames = reader.get_batch(list(range(len(reader)))).asnumpy().astype(int)
         centres = []
         for frame in frames:
-            ys, xs = np.nonzero(np.abs(frame - demo.BACKGROUND).sum(-1) > 90)
+            ys, xs = np.nonzero(np.abs(frame - demo_media.BACKGROUND).sum(-1) > 90)
             assert len(xs) > 0
             centres.append((xs.mean(), ys.mean()))
         centres = np.array(centres)
@@ -197,10 +199,10 @@ def test_video_decodes_and_square_moves_in_stated_direction(demo_dir):
 def test_mpeg4_roundtrip_is_close_to_the_drawn_frames(tmp_path):
     import decord
 
-    frames = demo.motion_frames("right", demo.COLOURS["blue"], 64, 6, random.Random(0))
-    demo.write_mp4(frames, tmp_path / "v.mp4", demo.VIDEO_FPS)
+    frames = demo_media.motion_frames("right", demo_media.COLOURS["blue"], 64, 6, random.Random(0))
+    demo_media.write_mp4(frames, tmp_path / "v.mp4", demo_tasks.VIDEO_FPS)
     reader = decord.VideoReader(str(tmp_path / "v.mp4"))
-    assert len(reader) == 6 and reader.get_avg_fps() == pytest.approx(demo.VIDEO_FPS)
+    assert len(reader) == 6 and reader.get_avg_fps() == pytest.approx(demo_tasks.VIDEO_FPS)
     decoded = reader.get_batch(list(range(6))).asnumpy().astype(int)
     assert np.abs(decoded - np.stack(frames)).mean() < 3
 
@@ -214,7 +216,7 @@ def test_meshes_are_solid_coloured_y_up_solids(demo_dir):
         assert r["mesh"].endswith(".glb")
         mesh = trimesh.load(demo_dir / "raw" / "media" / r["mesh"], force="mesh")
         colours = np.unique(mesh.visual.vertex_colors[:, :3], axis=0)
-        assert colours.tolist() == [list(demo.COLOURS[r["metadata"]["colour"]])]
+        assert colours.tolist() == [list(demo_media.COLOURS[r["metadata"]["colour"]])]
         assert mesh.is_watertight
         extent = mesh.bounds[1] - mesh.bounds[0]
         if r["metadata"]["label"] in ("cylinder", "cone"):
@@ -274,7 +276,7 @@ def test_same_seed_same_bytes_other_seed_regenerates(demo_dir, tmp_path):
     assert (tmp_path / "raw" / "train.jsonl").read_text() != (demo_dir / "raw" / "train.jsonl").read_text()
     # the old run's extra media and shards are gone, not mixed into the new dataset
     assert not list((tmp_path / "raw" / "media" / "train").rglob(f"*-{N_TRAIN - 1:05d}*"))
-    for scenario in demo.SCENARIOS:
+    for scenario in demo_tasks.SCENARIOS:
         assert len(list(wds.WebDataset(_shards(tmp_path, "train", scenario), shardshuffle=False))) == fewer
 
 
@@ -286,7 +288,7 @@ def test_bad_parameters_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------- plugins
-@pytest.mark.parametrize("scenario", demo.SCENARIOS)
+@pytest.mark.parametrize("scenario", demo_tasks.SCENARIOS)
 def test_each_scenario_loads_and_formats_through_its_plugin(demo_dir, scenario):
     from mmscene import registry
     from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
@@ -309,7 +311,7 @@ def test_each_scenario_loads_and_formats_through_its_plugin(demo_dir, scenario):
     assert samples
     for sample in samples:
         example = plugin.load(sample)
-        assert example.scenario == scenario and example.task in demo.SCENARIO_TASKS[scenario]
+        assert example.scenario == scenario and example.task in demo_tasks.SCENARIO_TASKS[scenario]
         prompt = plugin.format(example, random.Random(0))
         record = json.loads(sample["json"])
         assert prompt.answer == record["conversations"][-1]["content"]

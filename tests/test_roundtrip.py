@@ -36,7 +36,9 @@ from mmscene.data.pipeline.chat_template import (
 from mmscene.data.pipeline.collate import pad_collate
 from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
 from mmscene.data.pipeline.mixer import MixedBatches, Source
-from mmscene.data.tools.demo import COLOURS, NEUTRAL, ORDINALS, make_demo
+from mmscene.data.tools.demo import make_demo
+from mmscene.data.tools.demo_media import COLOURS, NEUTRAL
+from mmscene.data.tools.demo_tasks import ORDINALS
 from mmscene.model.core import IGNORE_INDEX
 from mmscene.scenario import SkipSample
 from mmscene.schema import make_record
