@@ -320,3 +320,19 @@ def test_plan_is_a_safe_bound_on_the_measured_gpu_peak(s, checkpointing):
     assert row in docs, row
     shown = float(docs.split(row, 1)[1].split(" GiB", 1)[0])
     assert shown == pytest.approx(planned, abs=0.051), (row, planned)
+
+
+def test_layer_activation_bench_runs(tmp_path):
+    """The bench that counts saved tensors keeps working (it documents the per-layer term)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "layer_activations.py"), "--tokens", "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    ratios = [float(line.split()[-1]) for line in out.splitlines()[1:-1]]
+    assert len(ratios) == 3 and all(0.3 < r < 3 for r in ratios), out
