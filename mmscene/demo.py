@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -97,8 +98,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--data", default="data/demo")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("MMSCENE_DEMO_THREADS", "1")))
+    parser.add_argument(
+        "--train-per-scenario", type=int, default=None, help="demo data size (default: make_demo's)"
+    )
+    parser.add_argument("--val-per-scenario", type=int, default=None)
     args, extra = parser.parse_known_args()
-    run(args.config, args.data, extra)
+    # One intra-op thread for the trainer and one for each loader worker (torch sets 1 in its
+    # workers; the env vars also cover numpy/OpenBLAS in the 3D renderer): with 2 cores, the
+    # trainer's thread and the worker each keep a core, and a competing process slows a run in
+    # proportion instead of stalling the trainer's thread barrier every op.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sizes = {"n_train_per_scenario": args.train_per_scenario, "n_val_per_scenario": args.val_per_scenario}
+    run(args.config, args.data, extra, **{k: v for k, v in sizes.items() if v is not None})
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from mmscene.data.tools.demo_tasks import (
 )
 
 # Bump when the generated content changes, so an old OUT/DONE no longer counts as done.
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 SPLITS = ("train", "val")
 # The tiny demo LLM (mmscene/model/configs/tiny-qwen2.json) has 512 embeddings.
 TOKENIZER_VOCAB_SIZE = 512
@@ -58,8 +58,8 @@ OWNED = ("raw", "train", "val", "tokenizer", "summary.json", "DONE")
 # ---------------------------------------------------------------------------------------- public
 def make_demo(
     out: Path | str,
-    n_train_per_scenario: int = 800,
-    n_val_per_scenario: int = 40,
+    n_train_per_scenario: int = 2000,
+    n_val_per_scenario: int = 100,
     seed: int = 0,
     image_px: int = 64,
     num_frames: int = 6,
@@ -161,8 +161,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, help="output folder (raw/, train/, val/, tokenizer/)"
     )
-    parser.add_argument("--train-per-scenario", type=int, default=800, help="training samples per scenario")
-    parser.add_argument("--val-per-scenario", type=int, default=40, help="validation samples per scenario")
+    parser.add_argument("--train-per-scenario", type=int, default=2000, help="training samples per scenario")
+    parser.add_argument("--val-per-scenario", type=int, default=100, help="validation samples per scenario")
     parser.add_argument("--seed", type=int, default=0, help="the dataset is a pure function of this seed")
     parser.add_argument(
         "--option-order",

@@ -158,7 +158,7 @@ class Generator:
         colour = label if task.name == "demo_colour" else self.rng.choice(list(COLOURS))
         shape = label if task.name == "demo_shape" else self.rng.choice(SHAPES)
         path, rel = self._path(sample_id, ".png")
-        draw_shape(shape, COLOURS[colour], self.px, self.rng).save(path)
+        draw_shape(shape, COLOURS[colour], self.px, self.rng, centred=True).save(path)
         return {"image": [rel]}, f"{IMAGE_PLACEHOLDER}\n", {"colour": colour, "shape": shape}
 
     def _media_multi_image(self, task: Task, label: str, sample_id: str):
