@@ -17,6 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
+# n-gram scores beyond unigrams are 0 for every one-word answer, right or wrong: they say nothing
+# here (results.json still has them).
+HIDDEN_METRICS = ("bleu_2", "bleu_3", "bleu_4")
 
 
 def run(config: str, data: str, extra: list[str], **demo_kwargs) -> Path:
@@ -51,6 +54,8 @@ def report(log_dir: Path, data: Path) -> None:
         if len(parts) != 3:
             continue
         scenario, task, metric = parts
+        if metric in HIDDEN_METRICS:
+            continue
         ref = chance.get(task, {}).get("multi-choice") if metric == "accuracy" else None
         table.add_row(scenario, task, metric, f"{value:.3f}", "" if ref is None else f"{ref:.3f}")
     for name, value in sorted(scores.items()):

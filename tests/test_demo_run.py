@@ -55,6 +55,10 @@ def test_demo_flow_end_to_end(tmp_path, capsys):
 
     out = capsys.readouterr().out
     assert "validation at step 6" in out
+    # BLEU-2..4 are recorded but not shown: 0 for every one-word answer, right or wrong
+    assert (
+        "3d/demo_solid/bleu_4" in scores and "bleu_1" in out and "bleu_2" not in out and "bleu_4" not in out
+    )
     for name, value in scores.items():  # the table shows the recorded scores
         parts = name.split("/")
         if len(parts) == 3 and parts[2] == "accuracy":
