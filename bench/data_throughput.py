@@ -28,12 +28,12 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
+from demo_data import add_demo_data_arguments, demo_data
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -217,10 +217,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data", type=Path, help="a `mmscene data demo` output folder (default: generate one)"
-    )
-    parser.add_argument("--samples-per-scenario", type=int, default=100, help="when generating (default 100)")
+    add_demo_data_arguments(parser)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml", help="plugin options")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -232,16 +229,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    tmp = None
-    data = args.data
-    if data is None:
-        from mmscene.data.tools.demo import make_demo
-
-        tmp = tempfile.TemporaryDirectory(prefix="mmscene-bench-")
-        data = Path(tmp.name)
-        t0 = time.perf_counter()
-        make_demo(data, n_train_per_scenario=args.samples_per_scenario, n_val_per_scenario=1, progress=False)
-        print(f"generated {4 * args.samples_per_scenario} demo samples in {time.perf_counter() - t0:.1f} s")
+    data, tmp = demo_data(args)
     options = plugin_options(args.config)
     plugins = {s: get_scenario(s, **options.get(s, {})) for s in SCENARIOS}
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))

@@ -40,6 +40,8 @@ import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 
+from demo_data import add_demo_data_arguments, demo_data
+
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -165,10 +167,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data", type=Path, help="a `mmscene data demo` output folder (default: generate one)"
-    )
-    parser.add_argument("--samples-per-scenario", type=int, default=100, help="when generating (default 100)")
+    add_demo_data_arguments(parser)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     parser.add_argument("--samples", type=int, default=50_000, help="samples to stream (default 50000)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
@@ -190,16 +189,7 @@ def main() -> int:
     if args.samples < args.warmup + args.interval:
         parser.error("--samples must cover --warmup plus at least one --interval")
 
-    tmp = None
-    data = args.data
-    if data is None:
-        from mmscene.data.tools.demo import make_demo
-
-        tmp = tempfile.TemporaryDirectory(prefix="mmscene-bench-")
-        data = Path(tmp.name)
-        t0 = time.perf_counter()
-        make_demo(data, n_train_per_scenario=args.samples_per_scenario, n_val_per_scenario=1, progress=False)
-        print(f"generated {4 * args.samples_per_scenario} demo samples in {time.perf_counter() - t0:.1f} s")
+    data, tmp = demo_data(args)
 
     from mmscene.data.pipeline.mixer import STATE_KEY
 

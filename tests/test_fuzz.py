@@ -64,12 +64,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
-    "mmscene-fuzz-slow",
-    max_examples=20,
-    deadline=20000,
-    derandomize=False,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    "mmscene-fuzz-slow", parent=settings.get_profile("mmscene-fuzz"), deadline=20000, derandomize=False
 )
 PROFILE = settings.get_profile("mmscene-fuzz-slow" if SLOW else "mmscene-fuzz")
 SLOW_FACTOR = 25

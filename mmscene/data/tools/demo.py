@@ -30,18 +30,7 @@ from typing import Any
 import numpy as np
 
 from mmscene.data.pipeline.chat_template import render_chat
-from mmscene.data.tools.demo_media import (
-    COLOURS,
-    DIRECTIONS,
-    SHAPES,
-    SOLIDS,
-    draw_shape,
-    motion_frames,
-    solid_mesh,
-    write_mp4,
-)
 from mmscene.data.tools.demo_tasks import (
-    SCENARIO_TASKS,
     SCENARIOS,
     TASKS,
     Generator,
@@ -295,19 +284,4 @@ def _track(items: Iterable[Any], progress: bool, description: str, total: int) -
     return track(items, description=description, total=total, transient=True)
 
 
-__all__ = [
-    "COLOURS",
-    "DIRECTIONS",
-    "SCENARIOS",
-    "SCENARIO_TASKS",
-    "SHAPES",
-    "SOLIDS",
-    "TASKS",
-    "add_demo_arguments",
-    "demo_main",
-    "draw_shape",
-    "make_demo",
-    "motion_frames",
-    "solid_mesh",
-    "write_mp4",
-]
+__all__ = ["add_demo_arguments", "demo_main", "make_demo"]
