@@ -91,7 +91,7 @@ def _mc_columns(rows):
 def test_rouge_l_matches_rouge_score_and_torchmetrics():
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     expected = [scorer.score_multi(refs, pred)["rougeL"].fmeasure for pred, refs in PAIRS]
-    metric = RougeL()
+    metric = RougeL(rule="rouge-score")
     metric.update(PREDS[:5], REFS[:5])
     metric.update(PREDS[5:], REFS[5:])
     assert metric.compute().item() == pytest.approx(sum(expected) / len(expected), abs=1e-6)
@@ -210,7 +210,7 @@ def test_parse_choice(answer, options, expected):
 
 def test_multiple_choice_accuracy_counts_unparsed_as_wrong():
     preds, targets, options = _mc_columns(MC)
-    metric = MultipleChoiceAccuracy()
+    metric = MultipleChoiceAccuracy(rule="mmscene")
     metric.update(preds, targets, options)
     assert metric.compute().item() == pytest.approx(0.7)
     assert metric.compute_unparsed().item() == 2
@@ -218,7 +218,7 @@ def test_multiple_choice_accuracy_counts_unparsed_as_wrong():
 
 def test_multiple_choice_rejects_target_without_letter():
     with pytest.raises(ValueError, match="names no option letter"):
-        MultipleChoiceAccuracy().update(["A"], ["maybe"])
+        MultipleChoiceAccuracy(rule="mmscene").update(["A"], ["maybe"])
 
 
 # -- factories -----------------------------------------------------------------------------------
@@ -230,7 +230,8 @@ def test_default_and_caption_metrics():
     with pytest.raises(ValueError):
         default_metrics("free-form")
     metrics = caption_metrics()
-    assert list(metrics) == ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"]
+    # ROUGE-L first: the headline LLaVA-Interleave Bench gives its ScanQA-style sub-tasks
+    assert list(metrics) == ["rouge_l", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider"]
     for metric in metrics.values():  # one signature for all
         metric.update(PREDS, REFS, options=None)
     scores = {k: m.compute().item() for k, m in metrics.items()}
@@ -272,7 +273,7 @@ def test_cider_idf_is_corpus_level():
 
 def test_merged_multiple_choice_keeps_unparsed():
     preds, targets, options = _mc_columns(MC)
-    first, second = MultipleChoiceAccuracy(), MultipleChoiceAccuracy()
+    first, second = MultipleChoiceAccuracy(rule="mmscene"), MultipleChoiceAccuracy(rule="mmscene")
     first.update(preds[:6], targets[:6], options[:6])
     second.update(preds[6:], targets[6:], options[6:])
     first.merge_state(second)
@@ -289,7 +290,7 @@ def _rank_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
             **caption_metrics(),
             "em": ExactMatch(),
             "idle_cider": Cider(),
-            "mc": MultipleChoiceAccuracy(),
+            "mc": MultipleChoiceAccuracy(rule="mmscene"),
         }
         for name, metric in metrics.items():
             if name == "idle_cider":  # rank 1 sees no sample at all
@@ -320,7 +321,7 @@ def test_gloo_sync_equals_single_process(tmp_path):
     for name, metric in {**caption_metrics(), "em": ExactMatch(), "idle_cider": Cider()}.items():
         metric.update(PREDS, REFS)
         expected[name] = metric.compute().item()
-    mc = MultipleChoiceAccuracy()
+    mc = MultipleChoiceAccuracy(rule="mmscene")
     mc.update(*_mc_columns(MC))
     expected["mc"], expected["mc_unparsed"] = mc.compute().item(), mc.compute_unparsed().item()
     assert synced == pytest.approx(expected, abs=1e-6)

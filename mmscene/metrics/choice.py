@@ -1,8 +1,14 @@
-"""Multiple-choice scoring: option-letter parsing and accuracy.
+"""Multiple-choice scoring: option-letter parsing and accuracy, by one of two rules.
 
-The rule follows lmms-eval's LLaVA-Interleave-Bench ``mcq_acc`` (tasks/llava_interleave_bench/
-utils.py): an answer of the form ``"X. text"`` is option X; otherwise the first stand-alone
-letter A-E anywhere in the (punctuation-stripped) answer is the option. Deliberate differences:
+``"lmms-eval"`` (the default) is LLaVA-Interleave-Bench's ``mcq_acc`` as lmms-eval applies it
+(tasks/llava_interleave_bench/utils.py): both the answer and the reference are reduced by the
+same ``process`` and compared; an answer of the form ``"X. text"`` is option X, otherwise the
+first stand-alone letter A-E, in either case, of the punctuation-stripped answer, otherwise the
+normalised text itself. Scores under this rule are the harness's, so they sit next to
+published ones. It is ported here, not imported, because lmms-eval is an optional extra; a test
+checks the port against lmms-eval's own function.
+
+``"mmscene"`` is a stricter parser, an explicit option (``model.scoring: mmscene``):
 
 * lmms-eval matches the stand-alone letter case-insensitively, so the article in
   "It is a dog" parses as option A. Here a stand-alone letter must be upper case (lower case is
@@ -28,6 +34,49 @@ from torchmetrics import Metric
 from mmscene.metrics.tokenize import squad_normalize
 
 DEFAULT_LETTERS = "ABCDE"
+RULES = ("lmms-eval", "mmscene")
+
+# lmms-eval's mcq_acc, ported line for line (including its quirks: the period rule's lookbehind
+# is written ``(?!<=\d)``, and ``re.sub``'s fourth argument is a count).
+_H_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_H_COMMA = re.compile(r"(\d)(\,)(\d)")
+_H_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_H_OPTION = re.compile(r"^([A-E])\.\s*(.+)$", re.IGNORECASE)
+_H_LETTER = re.compile(r"\b([A-E])\b", re.IGNORECASE)
+
+
+def _harness_punctuation(text: str) -> str:
+    out = text
+    for p in _H_PUNCT:
+        if (p + " " in text or " " + p in text) or (re.search(_H_COMMA, text) is not None):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _H_PERIOD.sub("", out, re.UNICODE)
+
+
+def harness_choice(answer: str) -> str:
+    """What lmms-eval's ``mcq_acc`` reduces an answer (or a reference) to: an option letter, or the
+    normalised text when no letter stands alone in it."""
+    match = _H_OPTION.match(answer.strip())
+    if match:
+        return match.group(1).upper()
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    text = _harness_punctuation(text)
+    text = text.strip("'").strip('"').strip(")").strip("(").strip().lower()
+    letter = _H_LETTER.search(text)
+    return letter.group(1).upper() if letter else text
+
+
+def harness_choice_correct(prediction: str, reference: str) -> bool:
+    """lmms-eval's ``mcq_acc(reference, prediction) == 1``."""
+    return harness_choice(prediction) == harness_choice(reference)
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"scoring rule must be one of {RULES}, got {rule!r}")
+    return rule
 
 _WHOLE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:)]?")
 _LEADING = re.compile(r"[(\[]?([A-Za-z])(?:[)\]]|\s*[.:,)])(?:\s|$)")
@@ -73,17 +122,20 @@ def _match_option_text(text: str, options: Mapping[str, str]) -> str | None:
 
 
 class MultipleChoiceAccuracy(Metric):
-    """Accuracy of the parsed option letter; unparseable answers count as wrong.
+    """Accuracy of the chosen option under ``rule`` (see the module); unparseable answers count
+    as wrong.
 
-    ``compute_unparsed()`` gives how many predictions had no readable option (synced over ranks).
+    ``compute_unparsed()`` gives how many predictions had no readable option letter (synced over
+    ranks); under ``"lmms-eval"`` those still score when their text equals the reference's.
     """
 
     full_state_update = False
     higher_is_better = True
     is_differentiable = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, rule: str = "lmms-eval", **kwargs) -> None:
         super().__init__(**kwargs)
+        self.rule = check_rule(rule)
         self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("unparsed", torch.tensor(0), dist_reduce_fx="sum")
@@ -98,6 +150,13 @@ class MultipleChoiceAccuracy(Metric):
             raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
         options = list(options) if options is not None else [None] * len(preds)
         correct = unparsed = 0
+        if self.rule == "lmms-eval":
+            for pred, target in zip(preds, targets):
+                guess = harness_choice(pred)
+                unparsed += not (len(guess) == 1 and guess in DEFAULT_LETTERS)
+                correct += guess == harness_choice(target)
+            self._add(correct, len(preds), unparsed)
+            return
         for pred, target, opts in zip(preds, targets, options):
             gold = parse_choice(target, opts)
             if gold is None:
@@ -105,8 +164,11 @@ class MultipleChoiceAccuracy(Metric):
             guess = parse_choice(pred, opts)
             unparsed += guess is None
             correct += guess == gold
+        self._add(correct, len(preds), unparsed)
+
+    def _add(self, correct: int, total: int, unparsed: int) -> None:
         self.correct += correct
-        self.total += len(preds)
+        self.total += total
         self.unparsed += unparsed
 
     def compute(self) -> Tensor:

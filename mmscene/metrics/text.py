@@ -1,5 +1,12 @@
 """Open-ended answer metrics: ROUGE-L F1, corpus BLEU-n, exact match.
 
+ROUGE-L has two rules. ``"lmms-eval"`` (the default) is LLaVA-Interleave-Bench's ``oe_rogue``:
+the ``rouge`` package's summary-level ROUGE-L F (sentences split on ".", case kept, the
+prediction cut to 512 characters, an empty prediction scoring 0). ``"rouge-score"`` is Google's
+``rouge_score`` sentence-level ROUGE-L F1 on lower-cased word tokens, the number most captioning
+papers print. They differ (case, sentence splitting), so the rule is part of a score's name in
+docs/evaluation.md.
+
 Every metric takes ``update(preds, targets, options=None)``; a target is one reference string
 or a list of references. All state is summed tensors, so syncing is one all-reduce per state
 no matter how many samples each rank saw.
@@ -41,6 +48,26 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
     return row[-1]
 
 
+ROUGE_RULES = ("lmms-eval", "rouge-score")
+HARNESS_ROUGE_CHARS = 512  # oe_rogue cuts predictions to this many characters
+
+
+def harness_rouge_l(pred: str, ref: str) -> float:
+    """LLaVA-Interleave-Bench's ``oe_rogue(ref, pred)``, through the same ``rouge`` package.
+
+    Where the package raises (a prediction or reference with no words between its periods,
+    e.g. "."), lmms-eval's evaluation stops; here the sample scores 0 instead.
+    """
+    from rouge import Rouge
+
+    if pred == "":
+        return 0.0
+    try:
+        return float(Rouge(metrics=["rouge-l"]).get_scores(pred[:HARNESS_ROUGE_CHARS], ref)[0]["rouge-l"]["f"])
+    except ValueError:  # "Hypothesis is empty." / "Reference is empty."
+        return 0.0
+
+
 def rouge_l_f1(pred: str, ref: str) -> float:
     """Sentence-level ROUGE-L F1 exactly as ``rouge_score.RougeScorer(['rougeL'])``."""
     p, r = rouge_tokenize(pred), rouge_tokenize(ref)
@@ -49,21 +76,25 @@ def rouge_l_f1(pred: str, ref: str) -> float:
 
 
 class RougeL(_TextMetric):
-    """Mean ROUGE-L F1 (best reference per sample, as rouge-score's ``score_multi``).
+    """Mean ROUGE-L F1 under ``rule`` (best reference per sample, as rouge-score's ``score_multi``).
 
     Not torchmetrics' ``ROUGEScore``: its numbers agree, but it keeps one 0-d tensor per sample
     in a list state with ``dist_reduce_fx=None``, which syncs with one all-gather per sample and
     breaks when ranks hold different sample counts (checked with gloo: the collective fails).
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, rule: str = "lmms-eval", **kwargs) -> None:
         super().__init__(**kwargs)
+        if rule not in ROUGE_RULES:
+            raise ValueError(f"ROUGE-L rule must be one of {ROUGE_RULES}, got {rule!r}")
+        self.rule = rule
         self.add_state("f1_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, preds: Sequence[str], targets: Targets, options=None) -> None:
         pairs = self._pairs(preds, targets)
-        self.f1_sum += sum(max(rouge_l_f1(p, r) for r in refs) for p, refs in pairs)
+        score = harness_rouge_l if self.rule == "lmms-eval" else rouge_l_f1
+        self.f1_sum += sum(max(score(p, r) for r in refs) for p, refs in pairs)
         self.total += len(pairs)
 
     def compute(self) -> Tensor:

@@ -15,6 +15,7 @@ from mmscene.model import attention, compose, load_pretrained
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.core import MultimodalLM
 from mmscene.train import sharding
+from mmscene.metrics import SCORINGS
 from mmscene.train.evaluation import Scoreboard
 from mmscene.train.loss import scale_gradients, token_loss_sum
 from mmscene.train.ranks import concatenated
@@ -43,6 +44,9 @@ class MMSceneModule(L.LightningModule):
         nonfinite_loss: when a step's loss is NaN or infinite: ``stop`` raises, naming the step's
             samples and scenarios on every rank; ``skip`` logs them, drops the step's gradients
             (no parameter or optimizer-state update) and counts it in ``train/nonfinite_steps``.
+        scoring: rules of the generated-answer scores: ``lmms-eval`` (default; LLaVA-Interleave
+            Bench's option and ROUGE-L rules, numbers comparable with published ones) or
+            ``mmscene`` (stricter option parser, rouge-score's ROUGE-L); see docs/evaluation.md.
 
     The loss of an optimizer step is the mean over all labelled tokens of its micro-batches on all
     data-parallel ranks (see :meth:`backward`), and ``train/loss`` logs that same mean.
@@ -62,6 +66,7 @@ class MMSceneModule(L.LightningModule):
         fsdp: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
         nonfinite_loss: str = "stop",
+        scoring: str = "lmms-eval",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -79,6 +84,8 @@ class MMSceneModule(L.LightningModule):
         self.model: MultimodalLM | None = None
         self.tokenizer = None  # set by the data module
         self.scoreboard: Scoreboard | None = None
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring: {scoring!r} is not one of {SCORINGS}")
         if nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"nonfinite_loss: {nonfinite_loss!r} is not 'stop' or 'skip'")
         self._window = None  # (loss sum, labelled tokens) of the micro-batches of this optimizer step
@@ -239,7 +246,7 @@ class MMSceneModule(L.LightningModule):
 
     def _scoreboard(self, stage: str) -> Scoreboard:
         dm = self.trainer.datamodule
-        return Scoreboard(dm.eval_tasks(stage), dm.scenarios, device=self.device)
+        return Scoreboard(dm.eval_tasks(stage), dm.scenarios, device=self.device, scoring=self.hparams.scoring)
 
     def _generate_and_score(self, batch: dict[str, Any]) -> None:
         answers = self.generate_answers(batch)
