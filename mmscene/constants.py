@@ -4,3 +4,9 @@ IMAGE_PLACEHOLDER = "<image>"  # one per image in a conversation, expanded to to
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # label of positions without loss (prompt, padding, image tokens)
 MODEL_PARTS = ("vision", "projector", "llm")  # what freeze / lr / param counts are keyed by
+
+
+def front_images(n: int) -> str:
+    """The ``n`` placeholders put in front of a question that has none: ``<image> <image>``,
+    as LLaVA's evaluation code (and lmms-eval's LLaVA models) write them."""
+    return " ".join([IMAGE_PLACEHOLDER] * n)

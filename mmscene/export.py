@@ -57,6 +57,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_main(args: argparse.Namespace, fmt: str) -> int:
+    from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, template_with_system_prompt
     from mmscene.model import CheckpointError, save_pretrained
     from mmscene.train.datamodule import load_tokenizer
 
@@ -68,6 +69,11 @@ def export_main(args: argparse.Namespace, fmt: str) -> int:
     tokenizer_path = args.tokenizer or data.get("tokenizer")
     if tokenizer_path:
         model.tokenizer = load_tokenizer(tokenizer_path)
+    if model.tokenizer is not None:
+        # The run's system turn goes into the template: prompts made by other tools then equal training's.
+        system_prompt = data.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
+        template = getattr(model.tokenizer, "chat_template", None)
+        model.tokenizer.chat_template = template_with_system_prompt(template, system_prompt)
     options = {}
     if fmt == "llava-hf":
         # The processor pads (or not) as this run's data module did; its default is to pad.

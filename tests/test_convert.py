@@ -304,7 +304,7 @@ def test_convert_report_rejects_and_shards(media, tmp_path, suffix):
     assert rec["question_type"] == "multi-choice" and rec["task"] == "NLVR2"
     assert [x["member"] for x in rec["media"]] == ["0.png", "1.jpg"]
     fixed = json.loads(multi["fixme"]["json"])
-    assert fixed["conversations"][0]["content"] == "<image>\n<image>\nWhich is brighter?"
+    assert fixed["conversations"][0]["content"] == "<image> <image>\nWhich is brighter?"
 
     video = read_shards(out, "video")
     v = video["vid-1"]

@@ -271,7 +271,7 @@ def test_multi_image_mixed_draws_front_at_front_prob():
     for _ in range(20):
         prompt = scenario.format(example, rng)
         if prompt.meta["placement"] == "front":
-            assert prompt.conversation[1]["content"].startswith("<image>\n<image>\n<image>\n")
+            assert prompt.conversation[1]["content"].startswith("<image> <image> <image>\n")
         else:
             assert prompt.conversation == MULTI_CONV
     for prob, expected in ((0.0, "interleaved"), (1.0, "front")):
@@ -300,7 +300,7 @@ def test_multi_image_without_placeholders_goes_in_front():
     )
     scenario = MultiImageScenario(placement="interleaved")
     prompt = scenario.format(scenario.load(sample), random.Random(0))
-    assert user_text(prompt) == "<image>\n<image>\nSame scene?"
+    assert user_text(prompt) == "<image> <image>\nSame scene?"
 
 
 # -- video ---------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def test_video_frames_are_sampled_uniformly_over_the_whole_clip(video_bytes, vid
     assert example.frame_times[0] < 0.5 and example.frame_times[-1] > 4.5  # covers the clip
 
     prompt = scenario.format(example, random.Random(0))
-    assert user_text(prompt) == "\n".join([IMAGE_PLACEHOLDER] * 8) + "\nWhat happens?"
+    assert user_text(prompt) == " ".join([IMAGE_PLACEHOLDER] * 8) + "\nWhat happens?"
     assert prompt.pooled == [True] * 8 and len(prompt.images) == 8
     assert prompt.meta["frame_times"] == example.frame_times
 
@@ -367,11 +367,11 @@ def test_video_frame_labels(video_bytes):
 def test_video_placeholder_expansion_edge_cases(video_bytes):
     scenario = VideoScenario(num_frames=2)
     no_placeholder = scenario.format(scenario.load(video_sample(video_bytes, "Describe.")), random.Random(0))
-    assert user_text(no_placeholder) == "<image>\n<image>\nDescribe."
+    assert user_text(no_placeholder) == "<image> <image>\nDescribe."
     inline = scenario.format(
         scenario.load(video_sample(video_bytes, f"In {IMAGE_PLACEHOLDER} who?")), random.Random(0)
     )
-    assert user_text(inline) == "In <image>\n<image> who?"
+    assert user_text(inline) == "In <image> <image> who?"
     two = scenario.load(video_sample(video_bytes, f"{IMAGE_PLACEHOLDER}{IMAGE_PLACEHOLDER}?"))
     with pytest.raises(SkipSample) as err:
         scenario.format(two, random.Random(0))
@@ -438,7 +438,7 @@ def test_3d_renders_distinct_non_blank_views_of_a_mesh():
     prompt = unlabelled.format(
         unlabelled.load(mesh_sample(glb, "glb", question="Which shape?")), random.Random(0)
     )
-    assert user_text(prompt) == "<image>\n<image>\nWhich shape?"
+    assert user_text(prompt) == "<image> <image>\nWhich shape?"
 
 
 def test_3d_textured_obj_picks_up_its_texture_through_the_mtl():

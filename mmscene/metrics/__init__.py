@@ -14,7 +14,12 @@ from collections.abc import Mapping
 
 from torchmetrics import Metric
 
-from mmscene.metrics.choice import MultipleChoiceAccuracy, harness_choice, harness_choice_correct, parse_choice
+from mmscene.metrics.choice import (
+    MultipleChoiceAccuracy,
+    harness_choice,
+    harness_choice_correct,
+    parse_choice,
+)
 from mmscene.metrics.cider import Cider
 from mmscene.metrics.interleave_bench import BENCH_CATEGORIES, category_of
 from mmscene.metrics.text import Bleu, ExactMatch, RougeL, harness_rouge_l, rouge_l_f1

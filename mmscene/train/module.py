@@ -11,11 +11,11 @@ import lightning as L
 import torch
 
 from mmscene.constants import MODEL_PARTS
+from mmscene.metrics import SCORINGS
 from mmscene.model import attention, compose, load_pretrained
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.core import MultimodalLM
 from mmscene.train import sharding
-from mmscene.metrics import SCORINGS
 from mmscene.train.evaluation import Scoreboard
 from mmscene.train.loss import scale_gradients, token_loss_sum
 from mmscene.train.ranks import concatenated

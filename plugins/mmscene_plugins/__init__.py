@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from mmscene.constants import front_images
 from mmscene.scenario import IMAGE_PLACEHOLDER, SkipSample
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "count_placeholders",
     "expand_placeholder",
     "first_user_turn",
+    "front_images",
     "image_block",
     "media_bytes",
     "media_items",
@@ -75,7 +77,11 @@ def first_user_turn(conversation: list[dict[str, str]]) -> int:
 
 
 def image_block(labels: list[str]) -> str:
-    """One ``<image>`` per label (``""`` for none), each behind its label, one per line."""
+    """One ``<image>`` per label, each behind its label, one per line; with no labels at all the
+    placeholders are joined by spaces (``<image> <image>``), the form lmms-eval's LLaVA models put
+    in front of a question without placeholders, so harness prompts equal training's."""
+    if not any(labels):
+        return front_images(len(labels))
     return "\n".join(f"{label}{IMAGE_PLACEHOLDER}" for label in labels)
 
 

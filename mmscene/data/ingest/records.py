@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mmscene.constants import front_images
 from mmscene.data.ingest.annotations import Item
 from mmscene.data.ingest.media_files import (
     IMAGE_FILES,
@@ -207,9 +208,9 @@ def _prepare(ctx: RecordContext, item: Item, result: Prepared) -> None:
     placeholders = sum(turn["content"].count(IMAGE_PLACEHOLDER) for turn in conversation)
     if images:
         if placeholders == 0:
-            # LLaVA's own loader does the same for records written without placeholders
+            # as LLaVA's evaluation code (and lmms-eval's LLaVA models) do for questions without them
             first_user = next(turn for turn in conversation if turn["role"] == "user")
-            first_user["content"] = f"{IMAGE_PLACEHOLDER}\n" * len(images) + first_user["content"]
+            first_user["content"] = f"{front_images(len(images))}\n" + first_user["content"]
             result.fixes.append("placeholders_prepended")
         elif placeholders != len(images):
             raise SkipSample(

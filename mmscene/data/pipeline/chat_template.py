@@ -8,6 +8,7 @@ with :func:`render_chat`, through the same Jinja engine.
 from __future__ import annotations
 
 import functools
+import json
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -18,6 +19,22 @@ QWEN_1_5_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def template_with_system_prompt(template: str | None, system_prompt: str | None) -> str:
+    """``template`` (default: the ChatML one) that opens with ``system_prompt`` when the messages
+    have no system turn, as training's prompts do. Written into exported checkpoints, so that a
+    harness sending only the user turn (lmms-eval's ``llava_hf``) renders training's prompt."""
+    template = template or QWEN_1_5_TEMPLATE
+    if system_prompt is None:
+        return template
+    # json.dumps gives a string literal Jinja reads back exactly (quotes, newlines, \uXXXX)
+    literal = json.dumps(system_prompt)
+    return (
+        "{% if not messages or messages[0]['role'] != 'system' %}"
+        f"{{% set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+        "{% endif %}" + template
+    )
 
 
 def with_system_prompt(conversation: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
