@@ -1,7 +1,8 @@
 """``mmscene data convert``: LLaVA / M4-Instruct annotations -> WebDataset shards grouped by scenario.
 
 The annotation file is streamed (:mod:`mmscene.data.ingest.annotations`: a ``.json`` top-level array
-element by element, a ``.jsonl`` line by line), each record is validated and its media read as original bytes, and the
+element by element, a ``.jsonl`` line by line, a Parquet file batch by batch); LLaVA-Interleave-Bench
+rows are recognised per row (:mod:`mmscene.data.ingest.interleave_bench`). Each record is validated and its media read as original bytes, and the
 good ones are written to ``OUT/<scenario>/shard-NNNNNN.tar``; the rest go to ``OUT/rejected.jsonl``
 with a stable reason slug, and ``OUT/report.json`` counts both. See ``docs/data-format.md``.
 
@@ -26,7 +27,15 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from mmscene.data.ingest.annotations import Item, iter_annotations, json_line, shuffled_annotations
+from mmscene.data.ingest.annotations import (
+    Item,
+    annotation_format,
+    iter_annotations,
+    json_line,
+    pyarrow_parquet,
+    shuffled_annotations,
+)
+from mmscene.data.ingest.interleave_bench import LAYOUTS
 from mmscene.data.ingest.records import AUTO, Prepared, RecordContext, ordered_rules, prepare
 from mmscene.data.ingest.report import UNKNOWN_SCENARIO, ConvertReport
 from mmscene.data.ingest.shard_writer import KeyAllocator, ShardWriter
@@ -48,7 +57,7 @@ class _RejectLog:
         return self
 
     def write(self, index: int, entry: dict) -> None:
-        data = json_line(entry) + b"\n"
+        data = json_line(entry, omit_bytes=True) + b"\n"
         self.lines.append((index, self.f.tell(), len(data)))
         self.f.write(data)
 
@@ -110,6 +119,7 @@ def convert(
     overwrite: bool = False,
     keep_order: bool = False,
     seed: int = 0,
+    layout: str = AUTO,
 ) -> dict:
     """Convert an annotation file into ``OUT/<scenario>/shard-NNNNNN.tar``; returns the report.
 
@@ -117,7 +127,9 @@ def convert(
     it. ``dataset_rules`` maps a dataset-name pattern to a scenario, overriding the defaults.
     ``OUT`` must not already hold a conversion unless ``overwrite`` (then only the previous
     conversion's own files are removed). Also writes ``OUT/report.json`` and ``OUT/rejected.jsonl``.
-    Records are written in an order shuffled with ``seed`` unless ``keep_order``.
+    Records are written in an order shuffled with ``seed`` unless ``keep_order``. ``layout``:
+    ``auto`` tells LLaVA-Interleave-Bench rows from LLaVA records row by row, ``llava`` /
+    ``interleave-bench`` read every row as that layout. A Parquet file needs pyarrow.
     """
     annotations, media_root, out = Path(annotations), Path(media_root), Path(out)
     if not annotations.is_file():
@@ -132,6 +144,10 @@ def convert(
         _check_name(target, f"scenario of rule {pattern!r}")
     if shard_size < 1 or workers < 1:
         raise ValueError(f"shard_size and workers must be >= 1 (got {shard_size}, {workers})")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if annotation_format(annotations) == "parquet":
+        pyarrow_parquet()  # fail before OUT is touched
 
     out.mkdir(parents=True, exist_ok=True)
     previous = _previous_outputs(out)
@@ -147,6 +163,7 @@ def convert(
         scenario=scenario,
         rules=ordered_rules(dataset_rules),
         source_file=annotations.name,
+        layout=layout,
     )
     report, keys = ConvertReport(), KeyAllocator()
     writers: dict[str, ShardWriter] = {}
@@ -208,6 +225,7 @@ def convert(
             "scenario": scenario,
             "shard_size": shard_size,
             "order": "annotations" if keep_order else f"shuffled (seed {seed})",
+            "layout": layout,
             "rules": {k.lower(): v for k, v in (dataset_rules or {}).items()},
         },
     )
@@ -246,7 +264,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "annotations",
         metavar="ANNOTATIONS",
         type=Path,
-        help="LLaVA / M4-Instruct annotations: a .json array or .jsonl",
+        help="LLaVA / M4-Instruct annotations or LLaVA-Interleave-Bench rows: a .json array, .jsonl "
+        "or .parquet (needs pyarrow)",
     )
     parser.add_argument(
         "--media-root", type=Path, required=True, help="folder the image / video / mesh paths are relative to"
@@ -273,6 +292,13 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="write records in annotation order (default: a seeded shuffle across shards)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the record shuffle (default 0)")
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default=AUTO,
+        help="row layout: 'auto' (default) tells LLaVA-Interleave-Bench rows (sample_id, sub_task, "
+        "question, answer, image_N) from LLaVA records per row",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -299,8 +325,9 @@ def convert_main(args: argparse.Namespace) -> int:
             overwrite=getattr(args, "overwrite", False),
             keep_order=getattr(args, "keep_order", False),
             seed=getattr(args, "seed", 0),
+            layout=getattr(args, "layout", AUTO),
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
         console.print(f"[red]error:[/] {err}")
         return 2
     table = Table(title=f"{report['total']} records -> {args.out}")

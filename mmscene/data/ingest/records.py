@@ -2,6 +2,8 @@
 
 Scenario inference by dataset rules, conversation checks (roles, turns, placeholders) and the
 media of each kind; :func:`prepare` is the picklable entry point of the converter's worker pool.
+LLaVA-Interleave-Bench rows are mapped to the LLaVA layout first
+(:mod:`mmscene.data.ingest.interleave_bench`), their embedded images kept in memory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from typing import Any
 
 from mmscene.constants import front_images
 from mmscene.data.ingest.annotations import Item
+from mmscene.data.ingest.interleave_bench import (
+    LLAVA,
+    InlineImage,
+    bench_record,
+    bench_scenario,
+    is_bench_row,
+)
 from mmscene.data.ingest.media_files import (
     IMAGE_FILES,
     MESH_TYPES,
@@ -104,6 +113,7 @@ class RecordContext:
     scenario: str  # "auto" or the forced scenario
     rules: tuple[tuple[str, str], ...]
     source_file: str
+    layout: str = AUTO  # "auto" (per record), "llava" or "interleave-bench"
 
 
 @dataclasses.dataclass
@@ -138,9 +148,12 @@ def prepare(ctx: RecordContext, item: Item) -> Prepared:
     return result
 
 
-def _paths(value: Any, field: str) -> list[str]:
+def _paths(value: Any, field: str) -> list[Any]:
     paths = _as_paths(value)
-    if not all(isinstance(p, str) and p for p in paths):
+    # InlineImage: a bench row's embedded image (no JSON value parses as one)
+    if not all(
+        (isinstance(p, str) and p) or (field == "image" and isinstance(p, InlineImage)) for p in paths
+    ):
         raise SkipSample("bad_record", f"{field!r} must be a path or a list of paths")
     return paths
 
@@ -182,7 +195,12 @@ def _prepare(ctx: RecordContext, item: Item, result: Prepared) -> None:
         raise SkipSample("bad_record", f"record is a JSON {type(raw).__name__}, not an object")
     sample_id = raw.get("id", raw.get("sample_id"))
     result.id = str(sample_id) if sample_id is not None else f"record-{item.index}"
-    result.scenario = infer_scenario(raw, ctx.rules) if ctx.scenario == AUTO else ctx.scenario
+    bench = ctx.layout != LLAVA and (ctx.layout != AUTO or is_bench_row(raw))
+    if bench:  # scenario by sub_task, not by the dataset rules
+        result.scenario = bench_scenario(raw) if ctx.scenario == AUTO else ctx.scenario
+        raw = bench_record(raw)
+    else:
+        result.scenario = infer_scenario(raw, ctx.rules) if ctx.scenario == AUTO else ctx.scenario
 
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict):
@@ -239,15 +257,23 @@ def _prepare(ctx: RecordContext, item: Item, result: Prepared) -> None:
     members: list[tuple[str, bytes]] = []
     # resolve every path before reading anything: cheap checks first
     fulls = (
-        [existing_file(root, p, "image") for p in images]
+        [p if isinstance(p, InlineImage) else existing_file(root, p, "image") for p in images]
         if images
         else [existing_file(root, video or mesh, kinds[0])]
     )
     if images:
         for i, full in enumerate(fulls):
-            data = read_file(full)
-            member = f"{i}.{check_image(data)}"
-            media.append({"member": member, "type": "image", "source": os.path.relpath(full, root)})
+            if isinstance(full, InlineImage):  # checked like a file's bytes; the detail names the slot
+                data, source = full.data, full.source
+                try:
+                    ext = check_image(data)
+                except SkipSample as skip:
+                    raise SkipSample(skip.reason, f"{full.slot}: {skip.detail}") from skip
+            else:
+                data, source = read_file(full), os.path.relpath(full, root)
+                ext = check_image(data)
+            member = f"{i}.{ext}"
+            media.append({"member": member, "type": "image", "source": source})
             members.append((member, data))
     elif video:
         data = read_file(fulls[0])
@@ -291,6 +317,8 @@ def _prepare(ctx: RecordContext, item: Item, result: Prepared) -> None:
         doc = json.dumps(record, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as err:  # a lone surrogate: JSON escapes allow it, Unicode text does not
         raise SkipSample("bad_record", f"text is not valid Unicode: {error_detail(err)}") from err
+    except TypeError as err:  # bytes outside an image slot (a Parquet binary column)
+        raise SkipSample("bad_record", f"a field is not JSON: {error_detail(err)}") from err
     result.record = record
     result.members = [("json", doc), *members]
 
