@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     add_export_arguments(export.add_parser("hf", help="transformers LlavaForConditionalGeneration directory"))
     add_export_arguments(export.add_parser("mmscene", help="mmscene's own checkpoint directory"))
 
+    from mmscene.eval.cli import add_eval_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="lmms-eval tasks on a checkpoint (needs mmscene[eval])"))
     sub.add_parser("plugins", help="list installed scenario plugins")
     from mmscene.launch.slurm import add_slurm_arguments
 
@@ -98,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmscene.export import export_main
 
         return export_main(args, "llava-hf" if args.format == "hf" else "mmscene")
+    if args.command == "eval":
+        from mmscene.eval.cli import eval_main
+
+        return eval_main(args)
     if args.command == "plugins":
         return _plugins_main()
     if args.command == "slurm":

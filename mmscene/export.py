@@ -12,33 +12,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def load_module_from_checkpoint(path: str | Path):
-    """The trained module from a Lightning checkpoint file or a sharded (distributed) checkpoint folder."""
-    from mmscene.train.checkpoint import read_training_checkpoint
-    from mmscene.train.module import MMSceneModule, skeleton
-
-    ckpt = read_training_checkpoint(Path(path))
-    hparams = {
-        k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")
-    }  # drop CLI bookkeeping
-    hparams.pop("attn_implementation", None)  # a kernel choice of the training machine, not of the weights
-    module = MMSceneModule(**hparams)
-    # The checkpoint holds every weight: build on meta and take its tensors (no init, no copy,
-    # no pretrained weights read again).
-    module.model = skeleton(module.model_config, module.attn_implementation)
-    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = module.model.load_state_dict(state, strict=False, assign=True)
-    tied = getattr(module.model_config.text_config, "tie_word_embeddings", False)
-    if tied:
-        module.model.language_model.tie_weights()
-    missing = [k for k in missing if not (tied and k == "language_model.lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match its model: missing {missing[:10]}, unexpected {unexpected[:10]}"
-        )
-    return module, ckpt
-
-
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", required=True, help="Lightning .ckpt file or sharded checkpoint folder"
@@ -60,6 +33,8 @@ def export_main(args: argparse.Namespace, fmt: str) -> int:
     from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, template_with_system_prompt
     from mmscene.model import CheckpointError, save_pretrained
     from mmscene.train.datamodule import load_tokenizer
+
+    from mmscene.train.checkpoint import load_module_from_checkpoint
 
     module, ckpt = load_module_from_checkpoint(args.checkpoint)
     model = module.model

@@ -37,7 +37,7 @@ def test_export_follows_the_runs_preprocessing_and_refuses_frame_pooling(tmp_pat
     from transformers import LlavaProcessor
 
     from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
-    from mmscene.export import load_module_from_checkpoint
+    from mmscene.train.checkpoint import load_module_from_checkpoint
     from mmscene.scenario import Prompt
 
     data = tmp_path / "demo"

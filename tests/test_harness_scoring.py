@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mmscene.eval.strict_pil import restore_strict_pil
 from mmscene.metrics import (
     MultipleChoiceAccuracy,
     RougeL,
@@ -24,6 +25,7 @@ from mmscene.train.evaluation import Scoreboard
 bench = pytest.importorskip(
     "lmms_eval.tasks.llava_interleave_bench.utils", reason="lmms-eval is installed by `make test`"
 )
+restore_strict_pil()  # importing lmms-eval flipped PIL's truncated-image switch for the whole process
 
 # Every form of an option letter the harness rule reads, and some it reads differently from
 # mmscene's strict rule (the article "a", text answers, letters inside words).

@@ -102,7 +102,7 @@ def export_hf_and_compare(ckpt: Path, out: Path):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from mmscene.export import load_module_from_checkpoint
+    from mmscene.train.checkpoint import load_module_from_checkpoint
 
     result = subprocess.run(
         [sys.executable, "-m", "mmscene.cli", "export", "hf", "--checkpoint", str(ckpt), "--out", str(out)],

@@ -49,3 +49,29 @@ def _read_sharded(folder: Path) -> dict[str, Any]:
         **meta,
         "state_dict": {f"model.{k}" if not k.startswith("model.") else k: v for k, v in model.items()},
     }
+
+
+def load_module_from_checkpoint(path: str | Path):
+    """The trained module from a Lightning checkpoint file or a sharded (distributed) checkpoint folder."""
+    from mmscene.train.module import MMSceneModule, skeleton
+
+    ckpt = read_training_checkpoint(Path(path))
+    hparams = {
+        k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")
+    }  # drop CLI bookkeeping
+    hparams.pop("attn_implementation", None)  # a kernel choice of the training machine, not of the weights
+    module = MMSceneModule(**hparams)
+    # The checkpoint holds every weight: build on meta and take its tensors (no init, no copy,
+    # no pretrained weights read again).
+    module.model = skeleton(module.model_config, module.attn_implementation)
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = module.model.load_state_dict(state, strict=False, assign=True)
+    tied = getattr(module.model_config.text_config, "tie_word_embeddings", False)
+    if tied:
+        module.model.language_model.tie_weights()
+    missing = [k for k in missing if not (tied and k == "language_model.lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match its model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    return module, ckpt

@@ -253,21 +253,10 @@ class MMSceneModule(L.LightningModule):
         self.scoreboard.update(batch["meta"], answers, batch.get("pad"), batch.get("skips"))
 
     def generate_answers(self, batch: dict[str, Any]) -> list[str]:
-        tok = self.tokenizer
-        eos = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if tok else [])
         distributed = self.trainer.world_size > 1 if self._trainer is not None else False
-        new = self.model.generate(
-            input_ids=batch["input_ids"],
-            pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"],
-            image_pooling=batch.get("image_pooling"),
-            max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            eos_token_id=sorted({e for e in eos if e is not None}),
-            pad_token_id=tok.pad_token_id,
-            synced_gpus=distributed,  # sharded ranks must step together until all are done
+        return generate_answers(
+            self.model, self.tokenizer, batch, max_new_tokens=self.hparams.max_new_tokens, synced=distributed
         )
-        return [tok.decode(row, skip_special_tokens=True).strip() for row in new]
 
     def _publish(self, stage: str) -> None:
         from mmscene.train.callbacks import print_skips, scenario_of, summed_over_ranks
@@ -304,6 +293,33 @@ class MMSceneModule(L.LightningModule):
         from mmscene.train.callbacks import SkipReport, WritePredictions
 
         return [WritePredictions(), SkipReport()]
+
+
+def generate_answers(
+    model: MultimodalLM,
+    tokenizer,
+    batch: dict[str, Any],
+    max_new_tokens: int,
+    synced: bool = False,
+    **generation: Any,
+) -> list[str]:
+    """Greedy (or ``generation``'s) answers to a left-padded batch, decoded and stripped: the one
+    decoding path of validation, prediction and the lmms-eval model. ``synced``: sharded ranks
+    step together until all are done."""
+    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    generation.setdefault("do_sample", False)
+    new = model.generate(
+        input_ids=batch["input_ids"],
+        pixel_values=batch["pixel_values"],
+        attention_mask=batch["attention_mask"],
+        image_pooling=batch.get("image_pooling"),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted({e for e in eos if e is not None}),
+        pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced,
+        **generation,
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
 def _core_inputs(batch: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,230 @@
+"""mmscene in lmms-eval, end to end on a briefly trained checkpoint and local task YAMLs:
+``lmms-eval --model mmscene`` and ``mmscene eval`` run image and video tasks; their answers and
+scores equal ``mmscene validate``'s on the same samples; lmms-eval's own ``llava_hf`` on the
+exported checkpoint answers the same; failures exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import tiny_config, write_config
+
+from mmscene.constants import IMAGE_PLACEHOLDER
+from mmscene.eval.strict_pil import restore_strict_pil
+
+bench = pytest.importorskip(
+    "lmms_eval.tasks.llava_interleave_bench.utils", reason="lmms-eval is installed by `make test`"
+)
+restore_strict_pil()  # importing lmms-eval flipped PIL's truncated-image switch for the whole process
+
+from mmscene.data.ingest.convert import convert  # noqa: E402
+from mmscene.data.tools.demo import make_demo  # noqa: E402
+from mmscene.train.cli import build_cli  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+BENCH_UTILS = "lmms_eval.tasks.llava_interleave_bench.utils"
+# demo tasks -> bench sub-tasks (two of one category, so the category mean weights by size)
+SUB_TASKS = {"demo_colour": "QBench", "demo_shape": "Spot-the-Diff", "demo_odd_one": "Birds-to-Words",
+             "demo_motion": "Mantis"}  # fmt: skip
+
+
+def _task_yaml(name: str, data_file: Path, visual: str, text: str) -> str:
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function {visual}
+doc_to_text: !function {text}
+doc_to_target: answer
+process_results: !function {BENCH_UTILS}.interleave_process_results
+metric_list:
+  - metric: overall_score
+    aggregation: !function {BENCH_UTILS}.overall_score
+    higher_is_better: true
+generation_kwargs:
+  max_new_tokens: 16
+  temperature: 0
+  do_sample: false
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Checkpoint, run config, bench-style rows (with and without placeholders), task YAMLs and
+    validation shards of the same rows."""
+    tmp = tmp_path_factory.mktemp("lmms")
+    data = tmp / "demo"
+    make_demo(data, n_train_per_scenario=16, n_val_per_scenario=6, progress=False)
+    cfg = tiny_config(data, tmp / "run", max_steps=60)
+    cfg["model"].update(warmup_steps=5, max_new_tokens=16, lr={"vision": 6e-3, "projector": 6e-3, "llm": 6e-3})
+    cfg["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+    ]
+    build_cli(["fit", "--config", str(write_config(cfg, tmp / "fit.yaml"))])
+    ckpt = next((tmp / "run").rglob("last.ckpt"))
+
+    media = data / "raw" / "media"
+    images, videos, annotations = [], [], []
+    for i, line in enumerate((data / "raw" / "val.jsonl").read_text().splitlines()):
+        r = json.loads(line)
+        task = r["metadata"]["dataset"]
+        if task not in SUB_TASKS:
+            continue
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        if i % 2:  # half the questions carry no placeholders: images go in front
+            question = question.replace(f"{IMAGE_PLACEHOLDER}\n", "").replace(IMAGE_PLACEHOLDER, "")
+        row = {"sample_id": r["id"], "sub_task": SUB_TASKS[task], "question": question, "answer": answer,
+               "question_type": r["metadata"]["question_type"]}  # fmt: skip
+        if "video" in r:
+            videos.append({**row, "video": str(media / r["video"])})
+        else:
+            images.append({**row, **{f"image_{k}": str(media / p) for k, p in enumerate(r["image"])}})
+        annotations.append({"id": r["id"], **{k: r[k] for k in ("image", "video") if k in r},
+                            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+                            "metadata": {"dataset": SUB_TASKS[task], "question_type": row["question_type"]}})  # fmt: skip
+    assert len(images) >= 12 and len(videos) >= 4
+    assert any(IMAGE_PLACEHOLDER not in r["question"] and "image_1" in r for r in images)
+    assert any(IMAGE_PLACEHOLDER in r["question"] and "image_1" in r for r in images)
+    tasks = tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "images.json").write_text(json.dumps(images))
+    (tasks / "videos.json").write_text(json.dumps(videos))
+    (tasks / "images.yaml").write_text(
+        _task_yaml("mm_images", tasks / "images.json", f"{BENCH_UTILS}.doc_to_visual", f"{BENCH_UTILS}.doc_to_text")
+    )
+    (tasks / "videos.yaml").write_text(
+        _task_yaml("mm_videos", tasks / "videos.json", "lmms_tasks.doc_to_video", f"{BENCH_UTILS}.doc_to_text")
+    )
+    broken = [{**videos[0], "video": str(tmp / "no-such-video.mp4")}]
+    (tasks / "broken.json").write_text(json.dumps(broken))
+    (tasks / "broken.yaml").write_text(
+        _task_yaml("mm_broken", tasks / "broken.json", "lmms_tasks.doc_to_video", f"{BENCH_UTILS}.doc_to_text")
+    )
+    ann = tmp / "val.jsonl"
+    ann.write_text("".join(json.dumps(a) + "\n" for a in annotations))
+    report = convert(ann, media, tmp / "shards", progress=False, keep_order=True)
+    assert sum(report["written"].values()) == len(annotations), report
+    return {"tmp": tmp, "cfg": cfg, "ckpt": ckpt, "tasks": tasks, "images": images, "videos": videos}
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, env=_env(), timeout=900)
+
+
+def _lmms_eval(setup, model: str, model_args: str, tasks: str, out: Path) -> subprocess.CompletedProcess:
+    return _run(sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args,
+                "--tasks", tasks, "--include_path", str(setup["tasks"]), "--batch_size", "1",
+                "--output_path", str(out), "--log_samples")  # fmt: skip
+
+
+def _logged_answers(out: Path, task: str) -> dict[str, str]:
+    """sample_id -> answer from lmms-eval's per-sample log (``*_samples_<task>.jsonl``)."""
+    files = sorted(out.rglob(f"*samples_{task}.jsonl"))
+    assert files, f"no sample log for {task} under {out}"
+    rows = [json.loads(line) for line in files[-1].read_text().splitlines()]
+    return {str(r["overall_score"]["sample_id"]): _first(r["filtered_resps"]) for r in rows}
+
+
+def _first(value):
+    while isinstance(value, list):
+        value = value[0]
+    return value
+
+
+def _validate(setup) -> tuple[dict[str, float], dict[str, dict]]:
+    cfg = json.loads(json.dumps(setup["cfg"]))
+    shards = setup["tmp"] / "shards"
+    cfg["data"]["val"] = [{"shards": str(p), "scenario": p.name} for p in sorted(shards.iterdir()) if p.is_dir()]
+    cfg["trainer"].update(limit_val_batches=None, default_root_dir=str(setup["tmp"] / "validate"))
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(setup["tmp"] / "validate")
+    config = write_config(cfg, setup["tmp"] / "validate.yaml")
+    build_cli(["validate", "--config", str(config), "--ckpt_path", str(setup["ckpt"])])
+    log_dir = next((setup["tmp"] / "validate").rglob("predictions.jsonl")).parent
+    results = json.loads((log_dir / "results.json").read_text().splitlines()[-1])["scores"]
+    predictions = {r["key"]: r for r in map(json.loads, (log_dir / "predictions.jsonl").read_text().splitlines())}
+    return results, predictions
+
+
+def test_lmms_eval_model_equals_validate_and_mmscene_eval(setup):
+    out = setup["tmp"] / "lmms_out"
+    run = _lmms_eval(setup, "mmscene", f"pretrained={setup['ckpt']}", "mm_images,mm_videos", out)
+    assert run.returncode == 0, run.stderr[-4000:]
+    harness = {**_logged_answers(out, "mm_images"), **_logged_answers(out, "mm_videos")}
+
+    results, predictions = _validate(setup)
+    assert set(predictions) == set(harness)
+    # same prompts, greedy: the same answers, sample for sample
+    assert {k: p["prediction"] for k, p in predictions.items()} == harness
+    assert len(set(harness.values())) > 1  # the checkpoint says different things to different samples
+
+    # lmms-eval's own scoring of mmscene's predictions gives mmscene's numbers
+    docs = {str(r["sample_id"]): r for r in setup["images"] + setup["videos"]}
+    scored = [bench.interleave_process_results(docs[k], [p["prediction"]])["overall_score"] for k, p in predictions.items()]
+    assert results["overall"] == pytest.approx(bench.overall_score(scored), abs=1e-6)
+    image_keys = {str(r["sample_id"]) for r in setup["images"]}
+    image_scored = [s for s in scored if str(s["sample_id"]) in image_keys]
+
+    # mmscene eval: same answers, a table, results and per-sample logs; its score is lmms-eval's
+    eval_out = setup["tmp"] / "eval_out"
+    run = _run(sys.executable, "-m", "mmscene.cli", "eval", "--checkpoint", str(setup["ckpt"]),
+               "--tasks", "mm_images,mm_videos", "--include_path", str(setup["tasks"]), "--out", str(eval_out))  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "mm_images" in run.stdout and "overall_score" in run.stdout
+    summary = json.loads((eval_out / "results.json").read_text())
+    assert summary["results"]["mm_images"]["overall_score,none"] == pytest.approx(
+        bench.overall_score(image_scored), abs=1e-9
+    )
+    assert _logged_answers(eval_out, "mm_images") == {k: harness[k] for k in image_keys}
+
+
+def test_failures_exit_non_zero(setup):
+    run = _lmms_eval(setup, "mmscene", f"pretrained={setup['ckpt']}", "mm_broken", setup["tmp"] / "broken_out")
+    assert run.returncode != 0 and "no-such-video.mp4" in run.stderr, run.stderr[-3000:]
+    run = _run(sys.executable, "-m", "mmscene.cli", "eval", "--checkpoint", str(setup["ckpt"]),
+               "--tasks", "mm_broken", "--include_path", str(setup["tasks"]), "--out", str(setup["tmp"] / "b2"))  # fmt: skip
+    assert run.returncode != 0 and "no-such-video.mp4" in run.stderr, run.stderr[-3000:]
+    run = _run(sys.executable, "-m", "mmscene.cli", "eval", "--checkpoint", str(setup["ckpt"]),
+               "--tasks", "mm_nowhere", "--include_path", str(setup["tasks"]), "--out", str(setup["tmp"] / "b3"))  # fmt: skip
+    assert run.returncode != 0 and "mm_nowhere" in run.stderr, run.stderr[-3000:]
+
+
+def test_exported_checkpoint_under_llava_hf_answers_as_mmscene(setup):
+    export = setup["tmp"] / "hf"
+    run = _run(sys.executable, "-m", "mmscene.cli", "export", "hf", "--checkpoint", str(setup["ckpt"]),
+               "--out", str(export), "--drop-frame-pooling")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    from transformers import AutoTokenizer
+
+    from mmscene.data.pipeline.chat_template import render_chat
+
+    # the exported template renders training's prompt from the user turn alone, system turn included
+    tok = AutoTokenizer.from_pretrained(str(export))
+    user = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}]
+    assert tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == render_chat(
+        user, add_generation_prompt=True
+    )
+    assert "You are a helpful assistant." in render_chat(user, add_generation_prompt=True)
+
+    hf_out, mm_out = setup["tmp"] / "llava_hf_out", setup["tmp"] / "mm_hf_out"
+    run = _lmms_eval(setup, "llava_hf", f"pretrained={export},device=cpu,dtype=float32", "mm_images", hf_out)
+    assert run.returncode == 0, run.stderr[-4000:]
+    run = _lmms_eval(setup, "mmscene", f"pretrained={export}", "mm_images", mm_out)
+    assert run.returncode == 0, run.stderr[-4000:]
+    llava_hf = {k: v.strip() for k, v in _logged_answers(hf_out, "mm_images").items()}
+    assert llava_hf == _logged_answers(mm_out, "mm_images")
+    scores = [json.loads(p.read_text())["results"]["mm_images"]["overall_score,none"]
+              for out in (hf_out, mm_out) for p in sorted(out.rglob("*results.json"))[-1:]]  # fmt: skip
+    assert scores[0] == pytest.approx(scores[1], abs=1e-9)
