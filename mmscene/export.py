@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
@@ -30,11 +29,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def export_main(args: argparse.Namespace, fmt: str) -> int:
-    from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, template_with_system_prompt
+    from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, export_chat_template
     from mmscene.model import CheckpointError, save_pretrained
-    from mmscene.train.datamodule import load_tokenizer
-
     from mmscene.train.checkpoint import load_module_from_checkpoint
+    from mmscene.train.datamodule import load_tokenizer
 
     module, ckpt = load_module_from_checkpoint(args.checkpoint)
     model = module.model
@@ -48,7 +46,7 @@ def export_main(args: argparse.Namespace, fmt: str) -> int:
         # The run's system turn goes into the template: prompts made by other tools then equal training's.
         system_prompt = data.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
         template = getattr(model.tokenizer, "chat_template", None)
-        model.tokenizer.chat_template = template_with_system_prompt(template, system_prompt)
+        model.tokenizer.chat_template = export_chat_template(template, system_prompt)
     options = {}
     if fmt == "llava-hf":
         # The processor pads (or not) as this run's data module did; its default is to pad.

@@ -64,7 +64,9 @@ def setup(tmp_path_factory):
     data = tmp / "demo"
     make_demo(data, n_train_per_scenario=16, n_val_per_scenario=6, progress=False)
     cfg = tiny_config(data, tmp / "run", max_steps=60)
-    cfg["model"].update(warmup_steps=5, max_new_tokens=16, lr={"vision": 6e-3, "projector": 6e-3, "llm": 6e-3})
+    cfg["model"].update(
+        warmup_steps=5, max_new_tokens=16, lr={"vision": 6e-3, "projector": 6e-3, "llm": 6e-3}
+    )
     cfg["trainer"]["callbacks"] = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
     ]
@@ -98,15 +100,21 @@ def setup(tmp_path_factory):
     (tasks / "images.json").write_text(json.dumps(images))
     (tasks / "videos.json").write_text(json.dumps(videos))
     (tasks / "images.yaml").write_text(
-        _task_yaml("mm_images", tasks / "images.json", f"{BENCH_UTILS}.doc_to_visual", f"{BENCH_UTILS}.doc_to_text")
+        _task_yaml(
+            "mm_images", tasks / "images.json", f"{BENCH_UTILS}.doc_to_visual", f"{BENCH_UTILS}.doc_to_text"
+        )
     )
     (tasks / "videos.yaml").write_text(
-        _task_yaml("mm_videos", tasks / "videos.json", "lmms_tasks.doc_to_video", f"{BENCH_UTILS}.doc_to_text")
+        _task_yaml(
+            "mm_videos", tasks / "videos.json", "lmms_tasks.doc_to_video", f"{BENCH_UTILS}.doc_to_text"
+        )
     )
     broken = [{**videos[0], "video": str(tmp / "no-such-video.mp4")}]
     (tasks / "broken.json").write_text(json.dumps(broken))
     (tasks / "broken.yaml").write_text(
-        _task_yaml("mm_broken", tasks / "broken.json", "lmms_tasks.doc_to_video", f"{BENCH_UTILS}.doc_to_text")
+        _task_yaml(
+            "mm_broken", tasks / "broken.json", "lmms_tasks.doc_to_video", f"{BENCH_UTILS}.doc_to_text"
+        )
     )
     ann = tmp / "val.jsonl"
     ann.write_text("".join(json.dumps(a) + "\n" for a in annotations))
@@ -124,10 +132,12 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, env=_env(), timeout=900)
 
 
-def _lmms_eval(setup, model: str, model_args: str, tasks: str, out: Path) -> subprocess.CompletedProcess:
+def _lmms_eval(
+    setup, model: str, model_args: str, tasks: str, out: Path, *extra: str
+) -> subprocess.CompletedProcess:
     return _run(sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args,
                 "--tasks", tasks, "--include_path", str(setup["tasks"]), "--batch_size", "1",
-                "--output_path", str(out), "--log_samples")  # fmt: skip
+                "--output_path", str(out), "--log_samples", *extra)  # fmt: skip
 
 
 def _logged_answers(out: Path, task: str) -> dict[str, str]:
@@ -147,14 +157,18 @@ def _first(value):
 def _validate(setup) -> tuple[dict[str, float], dict[str, dict]]:
     cfg = json.loads(json.dumps(setup["cfg"]))
     shards = setup["tmp"] / "shards"
-    cfg["data"]["val"] = [{"shards": str(p), "scenario": p.name} for p in sorted(shards.iterdir()) if p.is_dir()]
+    cfg["data"]["val"] = [
+        {"shards": str(p), "scenario": p.name} for p in sorted(shards.iterdir()) if p.is_dir()
+    ]
     cfg["trainer"].update(limit_val_batches=None, default_root_dir=str(setup["tmp"] / "validate"))
     cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(setup["tmp"] / "validate")
     config = write_config(cfg, setup["tmp"] / "validate.yaml")
     build_cli(["validate", "--config", str(config), "--ckpt_path", str(setup["ckpt"])])
     log_dir = next((setup["tmp"] / "validate").rglob("predictions.jsonl")).parent
     results = json.loads((log_dir / "results.json").read_text().splitlines()[-1])["scores"]
-    predictions = {r["key"]: r for r in map(json.loads, (log_dir / "predictions.jsonl").read_text().splitlines())}
+    predictions = {
+        r["key"]: r for r in map(json.loads, (log_dir / "predictions.jsonl").read_text().splitlines())
+    }
     return results, predictions
 
 
@@ -172,7 +186,10 @@ def test_lmms_eval_model_equals_validate_and_mmscene_eval(setup):
 
     # lmms-eval's own scoring of mmscene's predictions gives mmscene's numbers
     docs = {str(r["sample_id"]): r for r in setup["images"] + setup["videos"]}
-    scored = [bench.interleave_process_results(docs[k], [p["prediction"]])["overall_score"] for k, p in predictions.items()]
+    scored = [
+        bench.interleave_process_results(docs[k], [p["prediction"]])["overall_score"]
+        for k, p in predictions.items()
+    ]
     assert results["overall"] == pytest.approx(bench.overall_score(scored), abs=1e-6)
     image_keys = {str(r["sample_id"]) for r in setup["images"]}
     image_scored = [s for s in scored if str(s["sample_id"]) in image_keys]
@@ -191,7 +208,9 @@ def test_lmms_eval_model_equals_validate_and_mmscene_eval(setup):
 
 
 def test_failures_exit_non_zero(setup):
-    run = _lmms_eval(setup, "mmscene", f"pretrained={setup['ckpt']}", "mm_broken", setup["tmp"] / "broken_out")
+    run = _lmms_eval(
+        setup, "mmscene", f"pretrained={setup['ckpt']}", "mm_broken", setup["tmp"] / "broken_out"
+    )
     assert run.returncode != 0 and "no-such-video.mp4" in run.stderr, run.stderr[-3000:]
     run = _run(sys.executable, "-m", "mmscene.cli", "eval", "--checkpoint", str(setup["ckpt"]),
                "--tasks", "mm_broken", "--include_path", str(setup["tasks"]), "--out", str(setup["tmp"] / "b2"))  # fmt: skip
@@ -213,13 +232,22 @@ def test_exported_checkpoint_under_llava_hf_answers_as_mmscene(setup):
     # the exported template renders training's prompt from the user turn alone, system turn included
     tok = AutoTokenizer.from_pretrained(str(export))
     user = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}]
-    assert tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == render_chat(
-        user, add_generation_prompt=True
-    )
-    assert "You are a helpful assistant." in render_chat(user, add_generation_prompt=True)
+    training = render_chat(user, add_generation_prompt=True)
+    assert "You are a helpful assistant." in training
+    assert tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == training
+    # lmms-eval's chat models send content as parts: images first, then the text
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
+        }
+    ]
+    assert tok.apply_chat_template(parts, tokenize=False, add_generation_prompt=True) == training
 
     hf_out, mm_out = setup["tmp"] / "llava_hf_out", setup["tmp"] / "mm_hf_out"
-    run = _lmms_eval(setup, "llava_hf", f"pretrained={export},device=cpu,dtype=float32", "mm_images", hf_out)
+    # --verbosity DEBUG: lmms-eval's CLI otherwise exits 0 whatever llava_hf raised
+    hf_args = f"pretrained={export},device=cpu,device_map=cpu,dtype=float32"
+    run = _lmms_eval(setup, "llava_hf", hf_args, "mm_images", hf_out, "--verbosity", "DEBUG")
     assert run.returncode == 0, run.stderr[-4000:]
     run = _lmms_eval(setup, "mmscene", f"pretrained={export}", "mm_images", mm_out)
     assert run.returncode == 0, run.stderr[-4000:]

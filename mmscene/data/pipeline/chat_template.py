@@ -21,20 +21,42 @@ QWEN_1_5_TEMPLATE = (
 )
 
 
-def template_with_system_prompt(template: str | None, system_prompt: str | None) -> str:
-    """``template`` (default: the ChatML one) that opens with ``system_prompt`` when the messages
-    have no system turn, as training's prompts do. Written into exported checkpoints, so that a
-    harness sending only the user turn (lmms-eval's ``llava_hf``) renders training's prompt."""
+# Turns messages whose content is a list of parts (transformers' multimodal chat format:
+# {"type": "image"} / {"type": "text", "text": ...}) into the text training renders: images in
+# front as "<image> <image>\n" when the text holds no placeholder of its own, else the text alone.
+_FLATTEN_PARTS = (
+    "{%- set ns = namespace(messages=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set text = m['content'] -%}"
+    "{%- else -%}"
+    "{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}"
+    "{%- set n = m['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- if n > 0 and '<image>' not in text -%}"
+    "{%- set text = (['<image>'] * n) | join(' ') + '\n' + text -%}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- set ns.messages = ns.messages + [{'role': m['role'], 'content': text}] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.messages -%}"
+)
+
+
+def export_chat_template(template: str | None, system_prompt: str | None) -> str:
+    """``template`` (default: the ChatML one) as written into exported checkpoints, so that other
+    tools render training's prompt: it opens with ``system_prompt`` when the messages have no
+    system turn (harnesses such as lmms-eval's ``llava_hf`` send only the user turn), and it
+    accepts content given as a list of image / text parts (their chat models do)."""
     template = template or QWEN_1_5_TEMPLATE
-    if system_prompt is None:
-        return template
-    # json.dumps gives a string literal Jinja reads back exactly (quotes, newlines, \uXXXX)
-    literal = json.dumps(system_prompt)
-    return (
-        "{% if not messages or messages[0]['role'] != 'system' %}"
-        f"{{% set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
-        "{% endif %}" + template
-    )
+    head = _FLATTEN_PARTS
+    if system_prompt is not None:
+        # json.dumps gives a string literal Jinja reads back exactly (quotes, newlines, \uXXXX)
+        literal = json.dumps(system_prompt)
+        head += (
+            "{% if not messages or messages[0]['role'] != 'system' %}"
+            f"{{% set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+            "{% endif %}"
+        )
+    return head + template
 
 
 def with_system_prompt(conversation: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
