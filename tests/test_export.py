@@ -37,8 +37,8 @@ def test_export_follows_the_runs_preprocessing_and_refuses_frame_pooling(tmp_pat
     from transformers import LlavaProcessor
 
     from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
-    from mmscene.train.checkpoint import load_module_from_checkpoint
     from mmscene.scenario import Prompt
+    from mmscene.train.checkpoint import load_module_from_checkpoint
 
     data = tmp_path / "demo"
     make_demo(data, n_train_per_scenario=2, n_val_per_scenario=1, progress=False)

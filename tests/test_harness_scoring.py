@@ -30,10 +30,44 @@ restore_strict_pil()  # importing lmms-eval flipped PIL's truncated-image switch
 # Every form of an option letter the harness rule reads, and some it reads differently from
 # mmscene's strict rule (the article "a", text answers, letters inside words).
 FORMS = [
-    "A", "a", "B.", "(C)", "D)", "[E]", "A. a red cube", "b. two", "Answer: C", "The answer is D.",
-    "(b) the left one", "Option E", "It is a dog", "A red car is parked outside.", "c, probably",
-    "I think B", "B and C", "none", "yes", "No.", "blue", "Blue!", "the blue one", "3,000", "3.5",
-    "E:", "F", "", "  ", "\n", '"A"', "'B'", "A\nB", "Choice: a", "ab", "A-B", "x.y", "2. two",
+    "A",
+    "a",
+    "B.",
+    "(C)",
+    "D)",
+    "[E]",
+    "A. a red cube",
+    "b. two",
+    "Answer: C",
+    "The answer is D.",
+    "(b) the left one",
+    "Option E",
+    "It is a dog",
+    "A red car is parked outside.",
+    "c, probably",
+    "I think B",
+    "B and C",
+    "none",
+    "yes",
+    "No.",
+    "blue",
+    "Blue!",
+    "the blue one",
+    "3,000",
+    "3.5",
+    "E:",
+    "F",
+    "",
+    "  ",
+    "\n",
+    '"A"',
+    "'B'",
+    "A\nB",
+    "Choice: a",
+    "ab",
+    "A-B",
+    "x.y",
+    "2. two",
 ]
 REFERENCES = ["A", "B", "C", "D", "E", "blue", "Yes", "3,000", "A. a red cube"]
 
@@ -41,7 +75,10 @@ REFERENCES = ["A", "B", "C", "D", "E", "blue", "Yes", "3,000", "A. a red cube"]
 @pytest.mark.parametrize("reference", REFERENCES)
 def test_option_rule_equals_lmms_eval_mcq_acc(reference):
     for pred in FORMS:
-        assert harness_choice_correct(pred, reference) == bool(bench.mcq_acc(reference, pred)), (pred, reference)
+        assert harness_choice_correct(pred, reference) == bool(bench.mcq_acc(reference, pred)), (
+            pred,
+            reference,
+        )
 
 
 _TEXT = st.text(alphabet="ABCDEFabcdef .,;:()[]!?'\"-/\n\t0123456789xyz", max_size=30)
@@ -108,7 +145,9 @@ def _bench_rows(n: int, seed: int) -> list[dict]:
         else:
             answer = rng.choice(["the left bird is larger", "a cube moved to the right", "two cars"])
             pred = rng.choice([answer, "the bird is larger", "nothing changed", "", "two red cars"])
-        rows.append({"sample_id": i, "sub_task": task, "question_type": qtype, "answer": answer, "pred": pred})
+        rows.append(
+            {"sample_id": i, "sub_task": task, "question_type": qtype, "answer": answer, "pred": pred}
+        )
     return rows
 
 

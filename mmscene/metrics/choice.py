@@ -40,7 +40,29 @@ RULES = ("lmms-eval", "mmscene")
 # is written ``(?!<=\d)``, and ``re.sub``'s fourth argument is a count).
 _H_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _H_COMMA = re.compile(r"(\d)(\,)(\d)")
-_H_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_H_PUNCT = [
+    ";",
+    r"/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
 _H_OPTION = re.compile(r"^([A-E])\.\s*(.+)$", re.IGNORECASE)
 _H_LETTER = re.compile(r"\b([A-E])\b", re.IGNORECASE)
 
@@ -77,6 +99,7 @@ def check_rule(rule: str) -> str:
     if rule not in RULES:
         raise ValueError(f"scoring rule must be one of {RULES}, got {rule!r}")
     return rule
+
 
 _WHOLE = re.compile(r"[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:)]?")
 _LEADING = re.compile(r"[(\[]?([A-Za-z])(?:[)\]]|\s*[.:,)])(?:\s|$)")

@@ -63,7 +63,9 @@ def harness_rouge_l(pred: str, ref: str) -> float:
     if pred == "":
         return 0.0
     try:
-        return float(Rouge(metrics=["rouge-l"]).get_scores(pred[:HARNESS_ROUGE_CHARS], ref)[0]["rouge-l"]["f"])
+        return float(
+            Rouge(metrics=["rouge-l"]).get_scores(pred[:HARNESS_ROUGE_CHARS], ref)[0]["rouge-l"]["f"]
+        )
     except ValueError:  # "Hypothesis is empty." / "Reference is empty."
         return 0.0
 

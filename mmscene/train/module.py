@@ -246,7 +246,9 @@ class MMSceneModule(L.LightningModule):
 
     def _scoreboard(self, stage: str) -> Scoreboard:
         dm = self.trainer.datamodule
-        return Scoreboard(dm.eval_tasks(stage), dm.scenarios, device=self.device, scoring=self.hparams.scoring)
+        return Scoreboard(
+            dm.eval_tasks(stage), dm.scenarios, device=self.device, scoring=self.hparams.scoring
+        )
 
     def _generate_and_score(self, batch: dict[str, Any]) -> None:
         answers = self.generate_answers(batch)
