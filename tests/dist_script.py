@@ -12,7 +12,8 @@ samples are ordered so that micro-batches hold unequal numbers of labelled token
 
 ``--ckpt last`` resumes from the newest complete checkpoint (``mmscene.train.resume``).
 ``--checkpoint-every N`` keeps ``ckpts/last.ckpt`` and the newest ``ckpts/epoch=0-step=S.ckpt``;
-``--crash`` SIGKILLs every rank at optimizer step STEP: ``step`` as it starts, ``written`` once
+``--bench TASKS`` runs the local lmms-eval task ``mm_images`` (tests/lmms_tasks.py) after every
+optimizer step (BenchmarkEval; scores in ``bench.jsonl``). ``--crash`` SIGKILLs every rank at optimizer step STEP: ``step`` as it starts, ``written`` once
 save SAVE (0: the step checkpoint, 1: ``last.ckpt``) is written but not renamed, ``swap`` after
 the old ``last.ckpt`` was moved aside and before the new one is renamed in, ``remove`` halfway
 through deleting the previous step checkpoint.
@@ -156,6 +157,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--probe-loading", action="store_true", help="record how each rank built the model")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--crash", default=None, help="STEP:PHASE[:SAVE], see the module docstring")
+    p.add_argument("--bench", type=Path, default=None, help="folder of local lmms-eval tasks: run mm_images every step")
+    p.add_argument("--bench-limit", type=int, default=None)
     return p.parse_args()
 
 
@@ -307,6 +310,12 @@ def main() -> None:
         )
     if args.crash:
         callbacks.append(Crash(args.crash))
+    if args.bench:
+        from mmscene.eval.callback import BenchmarkEval
+
+        callbacks.append(
+            BenchmarkEval(["mm_images"], every_n_steps=1, include_path=[str(args.bench)], limit=args.bench_limit)
+        )
     if args.kill_at:
         callbacks.append(
             L.pytorch.callbacks.ModelCheckpoint(

@@ -30,6 +30,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (4, "tools", ("mmscene.data.tools",)),
     (5, "train", ("mmscene.train",)),
     (6, "launch", ("mmscene.launch",)),
+    (6, "eval", ("mmscene.eval",)),  # runs lmms-eval on models and runs of the layers below
     (7, "entry points", ("mmscene.cli", "mmscene.demo", "mmscene.export")),
 ]
 PACKAGE_DOCS_ONLY = ("mmscene", "mmscene.data")  # their __init__ holds no imports of its own

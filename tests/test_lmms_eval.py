@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from lmms_tasks import task_yaml, write_demo_tasks
 from train_helpers import tiny_config, write_config
 
 from mmscene.constants import IMAGE_PLACEHOLDER
@@ -27,33 +28,6 @@ from mmscene.data.tools.demo import make_demo  # noqa: E402
 from mmscene.train.cli import build_cli  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-BENCH_UTILS = "lmms_eval.tasks.llava_interleave_bench.utils"
-# demo tasks -> bench sub-tasks (two of one category, so the category mean weights by size)
-SUB_TASKS = {"demo_colour": "QBench", "demo_shape": "Spot-the-Diff", "demo_odd_one": "Birds-to-Words",
-             "demo_motion": "Mantis"}  # fmt: skip
-
-
-def _task_yaml(name: str, data_file: Path, visual: str, text: str) -> str:
-    return f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data_file}
-test_split: test
-output_type: generate_until
-doc_to_visual: !function {visual}
-doc_to_text: !function {text}
-doc_to_target: answer
-process_results: !function {BENCH_UTILS}.interleave_process_results
-metric_list:
-  - metric: overall_score
-    aggregation: !function {BENCH_UTILS}.overall_score
-    higher_is_better: true
-generation_kwargs:
-  max_new_tokens: 16
-  temperature: 0
-  do_sample: false
-"""
 
 
 @pytest.fixture(scope="module")
@@ -73,52 +47,20 @@ def setup(tmp_path_factory):
     build_cli(["fit", "--config", str(write_config(cfg, tmp / "fit.yaml"))])
     ckpt = next((tmp / "run").rglob("last.ckpt"))
 
-    media = data / "raw" / "media"
-    images, videos, annotations = [], [], []
-    for i, line in enumerate((data / "raw" / "val.jsonl").read_text().splitlines()):
-        r = json.loads(line)
-        task = r["metadata"]["dataset"]
-        if task not in SUB_TASKS:
-            continue
-        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
-        if i % 2:  # half the questions carry no placeholders: images go in front
-            question = question.replace(f"{IMAGE_PLACEHOLDER}\n", "").replace(IMAGE_PLACEHOLDER, "")
-        row = {"sample_id": r["id"], "sub_task": SUB_TASKS[task], "question": question, "answer": answer,
-               "question_type": r["metadata"]["question_type"]}  # fmt: skip
-        if "video" in r:
-            videos.append({**row, "video": str(media / r["video"])})
-        else:
-            images.append({**row, **{f"image_{k}": str(media / p) for k, p in enumerate(r["image"])}})
-        annotations.append({"id": r["id"], **{k: r[k] for k in ("image", "video") if k in r},
-                            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
-                            "metadata": {"dataset": SUB_TASKS[task], "question_type": row["question_type"]}})  # fmt: skip
+    tasks = tmp / "tasks"
+    rows = write_demo_tasks(data, tasks)
+    images, videos, annotations = rows["images"], rows["videos"], rows["annotations"]
     assert len(images) >= 12 and len(videos) >= 4
     assert any(IMAGE_PLACEHOLDER not in r["question"] and "image_1" in r for r in images)
     assert any(IMAGE_PLACEHOLDER in r["question"] and "image_1" in r for r in images)
-    tasks = tmp / "tasks"
-    tasks.mkdir()
-    (tasks / "images.json").write_text(json.dumps(images))
-    (tasks / "videos.json").write_text(json.dumps(videos))
-    (tasks / "images.yaml").write_text(
-        _task_yaml(
-            "mm_images", tasks / "images.json", f"{BENCH_UTILS}.doc_to_visual", f"{BENCH_UTILS}.doc_to_text"
-        )
-    )
-    (tasks / "videos.yaml").write_text(
-        _task_yaml(
-            "mm_videos", tasks / "videos.json", "lmms_tasks.doc_to_video", f"{BENCH_UTILS}.doc_to_text"
-        )
-    )
     broken = [{**videos[0], "video": str(tmp / "no-such-video.mp4")}]
     (tasks / "broken.json").write_text(json.dumps(broken))
     (tasks / "broken.yaml").write_text(
-        _task_yaml(
-            "mm_broken", tasks / "broken.json", "lmms_tasks.doc_to_video", f"{BENCH_UTILS}.doc_to_text"
-        )
+        task_yaml("mm_broken", tasks / "broken.json", "lmms_tasks.doc_to_video")
     )
     ann = tmp / "val.jsonl"
     ann.write_text("".join(json.dumps(a) + "\n" for a in annotations))
-    report = convert(ann, media, tmp / "shards", progress=False, keep_order=True)
+    report = convert(ann, rows["media"], tmp / "shards", progress=False, keep_order=True)
     assert sum(report["written"].values()) == len(annotations), report
     return {"tmp": tmp, "cfg": cfg, "ckpt": ckpt, "tasks": tasks, "images": images, "videos": videos}
 
