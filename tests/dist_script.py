@@ -157,7 +157,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--probe-loading", action="store_true", help="record how each rank built the model")
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--crash", default=None, help="STEP:PHASE[:SAVE], see the module docstring")
-    p.add_argument("--bench", type=Path, default=None, help="folder of local lmms-eval tasks: run mm_images every step")
+    p.add_argument(
+        "--bench", type=Path, default=None, help="folder of local lmms-eval tasks: run mm_images every step"
+    )
     p.add_argument("--bench-limit", type=int, default=None)
     return p.parse_args()
 
@@ -314,7 +316,9 @@ def main() -> None:
         from mmscene.eval.callback import BenchmarkEval
 
         callbacks.append(
-            BenchmarkEval(["mm_images"], every_n_steps=1, include_path=[str(args.bench)], limit=args.bench_limit)
+            BenchmarkEval(
+                ["mm_images"], every_n_steps=1, include_path=[str(args.bench)], limit=args.bench_limit
+            )
         )
     if args.kill_at:
         callbacks.append(

@@ -29,8 +29,12 @@ def _offline_scores(data, out, tasks) -> dict:
     module.configure_model()
     module.model.load_state_dict(torch.load(out / "weights.pt", weights_only=True))
     module.model.eval()
-    session = EvalSession(module.model, load_tokenizer(cfg["data"]["tokenizer"]), DataSettings.of(cfg["data"]))
-    results = run_tasks(MMSceneLMM(session=session), ["mm_images"], include_path=[str(tasks)], log_samples=False)
+    session = EvalSession(
+        module.model, load_tokenizer(cfg["data"]["tokenizer"]), DataSettings.of(cfg["data"])
+    )
+    results = run_tasks(
+        MMSceneLMM(session=session), ["mm_images"], include_path=[str(tasks)], log_samples=False
+    )
     return scores(results)
 
 

@@ -58,11 +58,41 @@ def setup(tmp_path_factory):
     (tasks / "broken.yaml").write_text(
         task_yaml("mm_broken", tasks / "broken.json", "lmms_tasks.doc_to_video")
     )
-    ann = tmp / "val.jsonl"
-    ann.write_text("".join(json.dumps(a) + "\n" for a in annotations))
-    report = convert(ann, rows["media"], tmp / "shards", progress=False, keep_order=True)
-    assert sum(report["written"].values()) == len(annotations), report
+    # Validation shards of the same samples: the image rows in the bench layout, once as JSONL with
+    # paths and once as Parquet with the images embedded; the videos as LLaVA records.
+    media = rows["media"]
+    relative = [{k: (str(Path(v).relative_to(media)) if k.startswith("image_") else v) for k, v in r.items()}
+                for r in images]  # fmt: skip
+    (tmp / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in relative))
+    _write_parquet(tmp / "bench.parquet", images)
+    videos_ann = tmp / "videos.jsonl"
+    videos_ann.write_text("".join(json.dumps(a) + "\n" for a in annotations if "video" in a))
+    for src, name in (
+        (tmp / "bench.jsonl", "bench"),
+        (tmp / "bench.parquet", "parquet"),
+        (videos_ann, "videos"),
+    ):
+        report = convert(src, media, tmp / name, progress=False, keep_order=True)
+        assert not report["skipped"], report
+    assert {p.name for p in (tmp / "bench").iterdir() if p.is_dir()} == {"multi_image"}
     return {"tmp": tmp, "cfg": cfg, "ckpt": ckpt, "tasks": tasks, "images": images, "videos": videos}
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    """``rows`` as HF ``datasets`` exports the bench: image slots as ``{bytes, path}`` structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    slots = sorted({k for r in rows for k in r if k.startswith("image_")}, key=lambda k: int(k[6:]))
+    table = {
+        k: [r[k] for r in rows] for k in ("sample_id", "sub_task", "question", "answer", "question_type")
+    }
+    for slot in slots:
+        table[slot] = [
+            {"bytes": Path(r[slot]).read_bytes(), "path": Path(r[slot]).name} if slot in r else None
+            for r in rows
+        ]
+    pq.write_table(pa.table(table), path)
 
 
 def _env() -> dict[str, str]:
@@ -96,22 +126,43 @@ def _first(value):
     return value
 
 
-def _validate(setup) -> tuple[dict[str, float], dict[str, dict]]:
+def _validate(setup, images: str) -> tuple[dict[str, float], dict[str, dict]]:
+    """``mmscene validate`` on the image shards converted from ``images`` (bench / parquet) and the videos."""
     cfg = json.loads(json.dumps(setup["cfg"]))
-    shards = setup["tmp"] / "shards"
+    tmp = setup["tmp"]
+    shards = [p for name in (images, "videos") for p in sorted((tmp / name).iterdir()) if p.is_dir()]
     cfg["data"]["val"] = [
-        {"shards": str(p), "scenario": p.name} for p in sorted(shards.iterdir()) if p.is_dir()
+        {"shards": str(p), "scenario": p.name, "name": f"{p.parent.name}-{p.name}"} for p in shards
     ]
-    cfg["trainer"].update(limit_val_batches=None, default_root_dir=str(setup["tmp"] / "validate"))
-    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(setup["tmp"] / "validate")
-    config = write_config(cfg, setup["tmp"] / "validate.yaml")
+    root = tmp / f"validate-{images}"
+    cfg["trainer"].update(limit_val_batches=None, default_root_dir=str(root))
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(root)
+    config = write_config(cfg, tmp / f"validate-{images}.yaml")
     build_cli(["validate", "--config", str(config), "--ckpt_path", str(setup["ckpt"])])
-    log_dir = next((setup["tmp"] / "validate").rglob("predictions.jsonl")).parent
+    log_dir = next(root.rglob("predictions.jsonl")).parent
     results = json.loads((log_dir / "results.json").read_text().splitlines()[-1])["scores"]
     predictions = {
         r["key"]: r for r in map(json.loads, (log_dir / "predictions.jsonl").read_text().splitlines())
     }
     return results, predictions
+
+
+def test_bench_parquet_with_embedded_images_validates_as_the_jsonl(setup):
+    """The converter round-trips the bench layout: Parquet with embedded bytes and JSONL with
+    paths give shards that validate to the same answers and scores."""
+    results, predictions = _validate(setup, "bench")
+    parquet_results, parquet_predictions = _validate(setup, "parquet")
+    assert set(predictions) == {str(r["sample_id"]) for r in setup["images"] + setup["videos"]}
+    assert {k: p["prediction"] for k, p in parquet_predictions.items()} == {
+        k: p["prediction"] for k, p in predictions.items()
+    }
+    assert parquet_results == results
+    assert {p["task"] for p in predictions.values()} == {
+        "QBench",
+        "Spot-the-Diff",
+        "Birds-to-Words",
+        "Mantis",
+    }
 
 
 def test_lmms_eval_model_equals_validate_and_mmscene_eval(setup):
@@ -120,7 +171,7 @@ def test_lmms_eval_model_equals_validate_and_mmscene_eval(setup):
     assert run.returncode == 0, run.stderr[-4000:]
     harness = {**_logged_answers(out, "mm_images"), **_logged_answers(out, "mm_videos")}
 
-    results, predictions = _validate(setup)
+    results, predictions = _validate(setup, "bench")
     assert set(predictions) == set(harness)
     # same prompts, greedy: the same answers, sample for sample
     assert {k: p["prediction"] for k, p in predictions.items()} == harness

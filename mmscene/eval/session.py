@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 from mmscene.data.ingest.annotations import Item
+from mmscene.data.ingest.interleave_bench import bench_scenario
 from mmscene.data.ingest.records import RecordContext, ordered_rules, prepare
 from mmscene.data.ingest.shard_writer import safe_key
 from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
 from mmscene.data.pipeline.collate import pad_collate
 from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
-from mmscene.metrics.interleave_bench import is_multi_view
 from mmscene.registry import get_scenario
 from mmscene.skips import SkipSample
 
@@ -85,11 +85,14 @@ class EvalSession:
 
     # ------------------------------------------------------------------ requests -> samples
     def scenario_for(self, visuals: list[Any], task: str, doc: dict[str, Any]) -> str:
+        """The plugin a request's media go to: the converter's choice for the same sample (a
+        bench row by its sub_task; else by media), or ``3d`` for tasks named multi-view."""
         if visuals and isinstance(visuals[0], str):
             return "video"
-        sub_task = str(doc.get("sub_task", "")) if isinstance(doc, dict) else ""
-        if task in self.multi_view_tasks or is_multi_view(sub_task):
+        if task in self.multi_view_tasks:
             return "3d"
+        if isinstance(doc, dict) and "sub_task" in doc:
+            return bench_scenario(doc)
         return "single_image" if len(visuals) == 1 else "multi_image"
 
     def plugin(self, name: str):

@@ -33,10 +33,13 @@ BENCH_CATEGORIES: dict[str, tuple[str, ...]] = {
     "SciVerse": ("SciVerse",),
     "Mantis": ("Mantis",),
 }
-# The multi-view (3D) part of the bench: lmms-eval's llava_interleave_bench_multi_view.
+# The multi-view (3D) part of the bench, lmms-eval's llava_interleave_bench_multi_view: 3D
+# scenes given as sets of views.
 MULTI_VIEW_CATEGORIES = ("ScanQA", "ALFRED", "nuscenes", "ScanNet_chat", "ScanNet_task")
+MULTI_VIEW_SUB_TASKS = frozenset(t for c in MULTI_VIEW_CATEGORIES for t in BENCH_CATEGORIES[c])
 
 _CATEGORY = {task: category for category, tasks in BENCH_CATEGORIES.items() for task in tasks}
+_MULTI_VIEW = frozenset(name.casefold() for name in MULTI_VIEW_SUB_TASKS)
 
 
 def category_of(task: str) -> str | None:
@@ -44,5 +47,6 @@ def category_of(task: str) -> str | None:
     return _CATEGORY.get(task)
 
 
-def is_multi_view(task: str) -> bool:
-    return category_of(task) in MULTI_VIEW_CATEGORIES
+def is_multi_view(sub_task: str) -> bool:
+    """Whether ``sub_task`` is one of the bench's multi-view sub-tasks (case aside)."""
+    return isinstance(sub_task, str) and sub_task.casefold() in _MULTI_VIEW

@@ -20,16 +20,24 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from mmscene.metrics.interleave_bench import MULTI_VIEW_SUB_TASKS, is_multi_view
 from mmscene.skips import SkipSample
+
+__all__ = [
+    "BENCH",
+    "LAYOUTS",
+    "LLAVA",
+    "MULTI_VIEW_SUB_TASKS",
+    "InlineImage",
+    "bench_record",
+    "bench_scenario",
+    "is_bench_row",
+]
 
 LLAVA, BENCH = "llava", "interleave-bench"
 LAYOUTS = ("auto", LLAVA, BENCH)
 SLOTS = 16  # lmms-eval's doc_to_visual reads image_0 .. image_15
 REQUIRED = ("sample_id", "sub_task", "question", "answer")
-# lmms-eval's multi-view categories (scan_qa, alfred, nuscenes, scannet_chat, scannet_task in
-# lmms_eval/tasks/llava_interleave_bench/utils.py): 3D scenes given as sets of views.
-MULTI_VIEW_SUB_TASKS = frozenset(["ScanQA", "ALFRED", "nuscenes", "ScanNet_chat", "ScanNet_task"])
-_MULTI_VIEW = frozenset(name.casefold() for name in MULTI_VIEW_SUB_TASKS)
 _QUESTION_TYPES = ("multi-choice", "open-ended")
 _SLOT = re.compile(r"^image_(0|[1-9][0-9]*)$")
 
@@ -65,8 +73,7 @@ def is_bench_row(row: Any) -> bool:
 
 def bench_scenario(row: Mapping[str, Any]) -> str:
     """``3d`` for the bench's multi-view sub_tasks, ``multi_image`` for every other (one image too)."""
-    sub_task = row.get("sub_task")
-    return "3d" if isinstance(sub_task, str) and sub_task.casefold() in _MULTI_VIEW else "multi_image"
+    return "3d" if is_multi_view(row.get("sub_task")) else "multi_image"
 
 
 def _image(value: Any, slot: str) -> str | InlineImage | None:
