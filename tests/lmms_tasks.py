@@ -71,3 +71,25 @@ def write_demo_tasks(data: Path, out: Path) -> dict:
     )
     (out / "videos.yaml").write_text(task_yaml("mm_videos", out / "videos.json", "lmms_tasks.doc_to_video"))
     return {"images": images, "videos": videos, "annotations": annotations, "media": media}
+
+
+def doc_to_choice(doc):
+    return doc["choices"]
+
+
+def choice_task_yaml(name: str, data_file: Path) -> str:
+    """Options scored by likelihood (lmms-eval's ``multiple_choice`` output type)."""
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function {BENCH_UTILS}.doc_to_visual
+doc_to_text: question
+doc_to_choice: !function lmms_tasks.doc_to_choice
+doc_to_target: target
+metric_list:
+  - metric: acc
+"""

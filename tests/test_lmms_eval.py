@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lmms_tasks import task_yaml, write_demo_tasks
+from lmms_tasks import choice_task_yaml, task_yaml, write_demo_tasks
 from train_helpers import tiny_config, write_config
 
 from mmscene.constants import IMAGE_PLACEHOLDER
@@ -53,6 +53,11 @@ def setup(tmp_path_factory):
     assert len(images) >= 12 and len(videos) >= 4
     assert any(IMAGE_PLACEHOLDER not in r["question"] and "image_1" in r for r in images)
     assert any(IMAGE_PLACEHOLDER in r["question"] and "image_1" in r for r in images)
+    choice = [{**r, "choices": ["A", "B", "C"], "target": "ABC".index(r["answer"])}
+              for r in images if r["question_type"] == "multi-choice" and r["answer"] in "ABC"][:4]  # fmt: skip
+    assert len(choice) >= 2
+    (tasks / "choice.json").write_text(json.dumps(choice))
+    (tasks / "choice.yaml").write_text(choice_task_yaml("mm_choice", tasks / "choice.json"))
     broken = [{**videos[0], "video": str(tmp / "no-such-video.mp4")}]
     (tasks / "broken.json").write_text(json.dumps(broken))
     (tasks / "broken.yaml").write_text(
@@ -75,7 +80,12 @@ def setup(tmp_path_factory):
         report = convert(src, media, tmp / name, progress=False, keep_order=True)
         assert not report["skipped"], report
     assert {p.name for p in (tmp / "bench").iterdir() if p.is_dir()} == {"multi_image"}
-    return {"tmp": tmp, "cfg": cfg, "ckpt": ckpt, "tasks": tasks, "images": images, "videos": videos}
+    export = tmp / "hf"
+    run = _run(sys.executable, "-m", "mmscene.cli", "export", "hf", "--checkpoint", str(ckpt),
+               "--out", str(export), "--drop-frame-pooling")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {"tmp": tmp, "cfg": cfg, "ckpt": ckpt, "tasks": tasks, "images": images, "videos": videos,
+            "choice": choice, "export": export}  # fmt: skip
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:
@@ -187,10 +197,12 @@ def test_lmms_eval_model_equals_validate_and_mmscene_eval(setup):
     image_keys = {str(r["sample_id"]) for r in setup["images"]}
     image_scored = [s for s in scored if str(s["sample_id"]) in image_keys]
 
-    # mmscene eval: same answers, a table, results and per-sample logs; its score is lmms-eval's
+    # mmscene eval, generating 4 requests per left-padded batch: the same answers, a table, results
+    # and per-sample logs; its score is lmms-eval's
     eval_out = setup["tmp"] / "eval_out"
     run = _run(sys.executable, "-m", "mmscene.cli", "eval", "--checkpoint", str(setup["ckpt"]),
-               "--tasks", "mm_images,mm_videos", "--include_path", str(setup["tasks"]), "--out", str(eval_out))  # fmt: skip
+               "--tasks", "mm_images,mm_videos", "--include_path", str(setup["tasks"]), "--out", str(eval_out),
+               "--batch-size", "4")  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     assert "mm_images" in run.stdout and "overall_score" in run.stdout
     summary = json.loads((eval_out / "results.json").read_text())
@@ -214,10 +226,7 @@ def test_failures_exit_non_zero(setup):
 
 
 def test_exported_checkpoint_under_llava_hf_answers_as_mmscene(setup):
-    export = setup["tmp"] / "hf"
-    run = _run(sys.executable, "-m", "mmscene.cli", "export", "hf", "--checkpoint", str(setup["ckpt"]),
-               "--out", str(export), "--drop-frame-pooling")  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    export = setup["export"]
     from transformers import AutoTokenizer
 
     from mmscene.data.pipeline.chat_template import render_chat
@@ -249,3 +258,44 @@ def test_exported_checkpoint_under_llava_hf_answers_as_mmscene(setup):
     scores = [json.loads(p.read_text())["results"]["mm_images"]["overall_score,none"]
               for out in (hf_out, mm_out) for p in sorted(out.rglob("*results.json"))[-1:]]  # fmt: skip
     assert scores[0] == pytest.approx(scores[1], abs=1e-9)
+
+
+def test_loglikelihood_equals_transformers_llava_on_the_exported_weights(setup):
+    """Options scored by likelihood: the summed log-probability of each option after training's
+    prompt, as transformers' own Llava computes it on the exported checkpoint."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmscene.data.pipeline.chat_template import render_chat
+
+    out = setup["tmp"] / "choice_out"
+    run = _lmms_eval(setup, "mmscene", f"pretrained={setup['ckpt']}", "mm_choice", out)
+    assert run.returncode == 0, run.stderr[-4000:]
+    logged = [
+        json.loads(line)
+        for line in sorted(out.rglob("*samples_mm_choice.jsonl"))[-1].read_text().splitlines()
+    ]
+    processor = AutoProcessor.from_pretrained(str(setup["export"]), backend="pil")
+    model = LlavaForConditionalGeneration.from_pretrained(str(setup["export"]), dtype=torch.float32).eval()
+    for row in logged:
+        doc = setup["choice"][row["doc_id"]]
+        images = [Image.open(doc[k]).convert("RGB") for k in sorted(k for k in doc if k.startswith("image_"))]
+        question = doc["question"] if IMAGE_PLACEHOLDER in doc["question"] else " ".join(
+            [IMAGE_PLACEHOLDER] * len(images)) + "\n" + doc["question"]  # fmt: skip
+        prompt = render_chat([{"role": "user", "content": question}], add_generation_prompt=True)
+        inputs = processor(images=images, text=prompt, return_tensors="pt")
+        expected, greedy = [], []
+        for choice in doc["choices"]:
+            cont = processor.tokenizer(" " + choice, add_special_tokens=False, return_tensors="pt")[
+                "input_ids"
+            ]
+            ids = torch.cat([inputs["input_ids"], cont], dim=1)
+            with torch.no_grad():
+                logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits
+            scores = torch.log_softmax(logits[0, -cont.shape[1] - 1 : -1], dim=-1)
+            expected.append(float(scores.gather(1, cont[0][:, None]).sum()))
+            greedy.append(bool((scores.argmax(-1) == cont[0]).all()))
+        got = [float(r[0]) for r in row["filtered_resps"]]  # [logprob, is_greedy] per option
+        assert got == pytest.approx(expected, abs=1e-4), (row["doc_id"], got, expected)
+        assert [r[1] for r in row["filtered_resps"]] == [str(g) for g in greedy], row["doc_id"]

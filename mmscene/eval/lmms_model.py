@@ -177,7 +177,7 @@ class MMSceneLMM(lmms):
             if isinstance(continuation, list):
                 continuation = continuation[0]
             sample = self._encode(context, visual, doc_id, task, split, continuation=str(continuation))
-            out.append(self.session.loglikelihood(sample))
+            out.append(_through_evaluator(self.session.loglikelihood(sample)))
         return out
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
@@ -204,6 +204,18 @@ class MMSceneLMM(lmms):
                 round_idx += 1
             out.append(result if result is not None else answers[-1])
         return out
+
+
+def _through_evaluator(result: tuple[float, bool]):
+    """``result`` as lmms-eval's evaluator passes it on unchanged. lmms-eval 0.7.3 runs every
+    model output through ``unwrap_generation_output``, which turns a ``(logprob, is_greedy)``
+    tuple into its string and so breaks every likelihood-scored task; its ``GenerationResult``
+    wrapper is passed through as is. Versions that keep tuples get the tuple."""
+    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+
+    if unwrap_generation_output(result)[0] == result:
+        return result
+    return GenerationResult(text=result)  # type: ignore[arg-type]
 
 
 def _cut(answer: str, until: list[str]) -> str:
