@@ -17,14 +17,19 @@ def doc_to_video(doc):
     return [doc["video"]]
 
 
-def task_yaml(name: str, data_file: Path, visual: str, text: str = f"{BENCH_UTILS}.doc_to_text") -> str:
+def _local(name: str, data_file: Path) -> str:
+    """A task reading one local JSON file (offline: no hub)."""
     return f"""task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data_file}
 test_split: test
-output_type: generate_until
+"""
+
+
+def task_yaml(name: str, data_file: Path, visual: str, text: str = f"{BENCH_UTILS}.doc_to_text") -> str:
+    return _local(name, data_file) + f"""output_type: generate_until
 doc_to_visual: !function {visual}
 doc_to_text: !function {text}
 doc_to_target: answer
@@ -79,13 +84,7 @@ def doc_to_choice(doc):
 
 def choice_task_yaml(name: str, data_file: Path) -> str:
     """Options scored by likelihood (lmms-eval's ``multiple_choice`` output type)."""
-    return f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data_file}
-test_split: test
-output_type: multiple_choice
+    return _local(name, data_file) + f"""output_type: multiple_choice
 doc_to_visual: !function {BENCH_UTILS}.doc_to_visual
 doc_to_text: question
 doc_to_choice: !function lmms_tasks.doc_to_choice
