@@ -29,7 +29,9 @@ test_split: test
 
 
 def task_yaml(name: str, data_file: Path, visual: str, text: str = f"{BENCH_UTILS}.doc_to_text") -> str:
-    return _local(name, data_file) + f"""output_type: generate_until
+    return (
+        _local(name, data_file)
+        + f"""output_type: generate_until
 doc_to_visual: !function {visual}
 doc_to_text: !function {text}
 doc_to_target: answer
@@ -43,6 +45,7 @@ generation_kwargs:
   temperature: 0
   do_sample: false
 """
+    )
 
 
 def write_demo_tasks(data: Path, out: Path) -> dict:
@@ -84,7 +87,9 @@ def doc_to_choice(doc):
 
 def choice_task_yaml(name: str, data_file: Path) -> str:
     """Options scored by likelihood (lmms-eval's ``multiple_choice`` output type)."""
-    return _local(name, data_file) + f"""output_type: multiple_choice
+    return (
+        _local(name, data_file)
+        + f"""output_type: multiple_choice
 doc_to_visual: !function {BENCH_UTILS}.doc_to_visual
 doc_to_text: question
 doc_to_choice: !function lmms_tasks.doc_to_choice
@@ -92,3 +97,37 @@ doc_to_target: target
 metric_list:
   - metric: acc
 """
+    )
+
+
+def two_rounds_text(
+    doc, lmms_eval_specific_kwargs=None, previous_output=None, round_idx=None, previous_round_info=None
+):
+    """Round 0 asks the question; round 1 asks again in other words; round 2 ends the dialogue."""
+    if not round_idx:
+        return doc["question"]
+    if round_idx >= 2:
+        return None, None, True, list(previous_output), previous_round_info
+    return None, "Say it again.", False, list(previous_output), previous_round_info
+
+
+def two_rounds_results(doc, results):
+    return {"rounds": len(results[0])}
+
+
+def multi_round_task_yaml(name: str, data_file: Path) -> str:
+    return (
+        _local(name, data_file)
+        + f"""output_type: generate_until_multi_round
+doc_to_visual: !function {BENCH_UTILS}.doc_to_visual
+doc_to_text: !function lmms_tasks.two_rounds_text
+doc_to_target: answer
+process_results: !function lmms_tasks.two_rounds_results
+metric_list:
+  - metric: rounds
+    aggregation: mean
+generation_kwargs:
+  max_new_tokens: 8
+  do_sample: false
+"""
+    )

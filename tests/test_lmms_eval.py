@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lmms_tasks import choice_task_yaml, task_yaml, write_demo_tasks
+from lmms_tasks import choice_task_yaml, multi_round_task_yaml, task_yaml, write_demo_tasks
 from train_helpers import tiny_config, write_config
 
 from mmscene.constants import IMAGE_PLACEHOLDER
@@ -58,6 +58,8 @@ def setup(tmp_path_factory):
     assert len(choice) >= 2
     (tasks / "choice.json").write_text(json.dumps(choice))
     (tasks / "choice.yaml").write_text(choice_task_yaml("mm_choice", tasks / "choice.json"))
+    (tasks / "rounds.json").write_text(json.dumps(images[:2]))
+    (tasks / "rounds.yaml").write_text(multi_round_task_yaml("mm_rounds", tasks / "rounds.json"))
     broken = [{**videos[0], "video": str(tmp / "no-such-video.mp4")}]
     (tasks / "broken.json").write_text(json.dumps(broken))
     (tasks / "broken.yaml").write_text(
@@ -299,3 +301,29 @@ def test_loglikelihood_equals_transformers_llava_on_the_exported_weights(setup):
         got = [float(r[0]) for r in row["filtered_resps"]]  # [logprob, is_greedy] per option
         assert got == pytest.approx(expected, abs=1e-4), (row["doc_id"], got, expected)
         assert [r[1] for r in row["filtered_resps"]] == [str(g) for g in greedy], row["doc_id"]
+
+
+def test_multi_round_asks_each_round_on_the_same_images(setup):
+    from PIL import Image
+
+    from mmscene.eval.loading import load_session
+    from mmscene.train.module import generate_answers
+
+    out = setup["tmp"] / "rounds_out"
+    run = _lmms_eval(setup, "mmscene", f"pretrained={setup['ckpt']}", "mm_rounds", out)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [
+        json.loads(line)
+        for line in sorted(out.rglob("*samples_mm_rounds.jsonl"))[-1].read_text().splitlines()
+    ]
+    session = load_session(setup["ckpt"])
+    for row in rows:
+        doc = setup["images"][row["doc_id"]]
+        images = [Image.open(doc[k]).convert("RGB") for k in sorted(k for k in doc if k.startswith("image_"))]
+        answers = row["filtered_resps"]
+        assert row["rounds"] == 2 and len(answers) == 2
+        for question, answer in zip((doc["question"], "Say it again."), answers):
+            sample = session.encode(str(doc["sample_id"]), question, images, "multi_image")
+            assert generate_answers(session.model, session.tokenizer, session.collate([sample]), 8) == [
+                answer
+            ]

@@ -67,7 +67,9 @@ class BenchmarkEval(L.Callback):
         known = TaskManager(include_path=self.include_path or None).all_tasks
         missing = [t for t in self.tasks if t not in known]
         if missing:
-            raise ValueError(f"BenchmarkEval: lmms-eval knows no task {missing} (include_path: {self.include_path})")
+            raise ValueError(
+                f"BenchmarkEval: lmms-eval knows no task {missing} (include_path: {self.include_path})"
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -77,7 +79,9 @@ class BenchmarkEval(L.Callback):
         scores = self.evaluate(trainer, pl_module)
         out = Path(trainer.log_dir or trainer.default_root_dir)  # every rank asks: it broadcasts
         if trainer.is_global_zero and scores is not None:
-            flat = {f"bench/{task}/{metric}": v for task, values in scores.items() for metric, v in values.items()}
+            flat = {
+                f"bench/{task}/{metric}": v for task, values in scores.items() for metric, v in values.items()
+            }
             for logger in trainer.loggers:
                 logger.log_metrics(flat, step=step)
             out.mkdir(parents=True, exist_ok=True)
