@@ -19,6 +19,7 @@ from mmscene.constants import IGNORE_INDEX
 from mmscene.model import attention
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.projector import build_projector
+from mmscene.model.token_loss import summed_token_loss
 
 _CLS_TOWERS = ("clip_vision_model",)  # towers whose first token is a CLS token
 
@@ -155,10 +156,13 @@ class MultimodalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         image_pooling: torch.Tensor | None = None,
         generate_kwargs: dict[str, Any] | None = None,
+        summed_loss: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast | torch.Tensor:
+    ) -> CausalLMOutputWithPast | torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (and the mean token loss when ``labels`` are given); with ``generate_kwargs``,
-        the new tokens of :meth:`generate`.
+        the new tokens of :meth:`generate`; with ``summed_loss`` (``{kernel, chunk_tokens}``, see
+        :mod:`mmscene.model.token_loss`) and ``labels``, the summed token loss and the labelled
+        token count, computed from the last hidden states without full-vocabulary logits.
 
         Generation enters here, through ``__call__``, so that a sharded (FSDP2) root sees one
         forward around the whole of it: its pre-forward hook gathers the parameters the root
@@ -182,6 +186,19 @@ class MultimodalLM(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
         if labels is not None:
             labels = self.loss_labels(labels, input_ids)
+        if summed_loss is not None:
+            if labels is None:
+                raise ValueError("summed_loss needs labels")
+            hidden = self.language_model.get_decoder()(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                **kwargs,
+            ).last_hidden_state
+            return summed_token_loss(
+                hidden, self.language_model.get_output_embeddings(), labels, **summed_loss
+            )
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

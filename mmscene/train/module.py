@@ -15,9 +15,10 @@ from mmscene.metrics import SCORINGS
 from mmscene.model import attention, compose, load_pretrained
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.core import MultimodalLM
+from mmscene.model.token_loss import KERNELS
 from mmscene.train import sharding
 from mmscene.train.evaluation import Scoreboard
-from mmscene.train.loss import scale_gradients, token_loss_sum
+from mmscene.train.loss import scale_gradients
 from mmscene.train.ranks import concatenated
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class MMSceneModule(L.LightningModule):
         nonfinite_loss: when a step's loss is NaN or infinite: ``stop`` raises, naming the step's
             samples and scenarios on every rank; ``skip`` logs them, drops the step's gradients
             (no parameter or optimizer-state update) and counts it in ``train/nonfinite_steps``.
+        loss_kernel: how the token loss is computed from the last hidden states (no full-vocabulary
+            logits): ``auto`` (Liger-Kernel's fused linear cross-entropy on CUDA where installed,
+            else ``chunked``), ``chunked``, ``liger`` or ``plain`` (see :mod:`mmscene.model.token_loss`).
+        loss_chunk_tokens: labelled positions per chunk of the ``chunked`` kernel.
         scoring: rules of the generated-answer scores: ``lmms-eval`` (default; LLaVA-Interleave
             Bench's option and ROUGE-L rules, numbers comparable with published ones) or
             ``mmscene`` (stricter option parser, rouge-score's ROUGE-L); see docs/evaluation.md.
@@ -67,6 +72,8 @@ class MMSceneModule(L.LightningModule):
         attn_implementation: str | None = None,
         nonfinite_loss: str = "stop",
         scoring: str = "lmms-eval",
+        loss_kernel: str = "auto",
+        loss_chunk_tokens: int = 1024,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -84,6 +91,10 @@ class MMSceneModule(L.LightningModule):
         self.model: MultimodalLM | None = None
         self.tokenizer = None  # set by the data module
         self.scoreboard: Scoreboard | None = None
+        if loss_kernel not in KERNELS:
+            raise ValueError(f"loss_kernel: {loss_kernel!r} is not one of {KERNELS}")
+        if loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be >= 1, got {loss_chunk_tokens}")
         if scoring not in SCORINGS:
             raise ValueError(f"scoring: {scoring!r} is not one of {SCORINGS}")
         if nonfinite_loss not in ("stop", "skip"):
@@ -136,8 +147,9 @@ class MMSceneModule(L.LightningModule):
         if sharding.is_model_parallel(self):
             # FSDP2 reduce-scatters only on the last micro-batch of a window (DDP's no_sync).
             self.model.set_requires_gradient_sync(last)
-        logits = self.model(**_core_inputs(batch)).logits  # no labels: the loss is summed here
-        loss_sum, count = token_loss_sum(logits, self.model.loss_labels(batch["labels"], batch["input_ids"]))
+        # the summed token loss from the last hidden states, chunk by chunk (no full logits)
+        summed = {"kernel": self.hparams.loss_kernel, "chunk_tokens": self.hparams.loss_chunk_tokens}
+        loss_sum, count = self.model(**_core_inputs(batch), labels=batch["labels"], summed_loss=summed)
         done = torch.stack([loss_sum.detach(), count])
         self._window = done if self._window is None else self._window + done
         self._window_samples += [(m["key"], m["scenario"]) for m in batch["meta"]]

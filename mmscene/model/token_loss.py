@@ -1,0 +1,121 @@
+"""The training loss from the LLM's last hidden states, without full-vocabulary logits.
+
+A 16k-token row over Qwen's 151,936-token vocabulary has 10 GB of fp32 logits, and their
+gradient as much again. Here only labelled positions reach the LM head (prompt, image and padding
+positions never needed logits), and their cross-entropy is summed chunk by chunk:
+
+* ``chunked``: for each chunk of ``chunk_tokens`` positions, the forward computes the logits,
+  the fp32 loss and, in the same buffer, the gradient (softmax minus one-hot), and folds it into
+  the gradients of the hidden states and the head right away, as Liger-Kernel's fused kernel
+  does, in plain PyTorch. So the peak holds one chunk's logits (and the head's gradient), never
+  the row's; backward only scales the stored gradients. Written here because the ecosystem's
+  fused kernels (Liger) are CUDA-only and the loss must be the same on a laptop.
+* ``liger``: Liger-Kernel's fused linear cross-entropy (CUDA, ``pip install mmscene[gpu]``).
+* ``plain``: the head over the labelled positions at once (the reference).
+* ``auto``: ``liger`` on CUDA where it is installed, else ``chunked``.
+
+All return the *sum* over labelled tokens and their count: the per-step normalisation stays in
+:mod:`mmscene.train.loss`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmscene.constants import IGNORE_INDEX
+
+KERNELS = ("auto", "chunked", "liger", "plain")
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"loss kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        return "liger" if device.type == "cuda" and _has_liger() else "chunked"
+    if kernel == "liger" and not _has_liger():
+        raise ValueError("loss kernel 'liger' needs liger-kernel (pip install 'mmscene[gpu]')")
+    return kernel
+
+
+def _has_liger() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def summed_token_loss(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    labels: torch.Tensor,
+    kernel: str = "auto",
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy (fp32) of ``head(hidden)`` against ``labels`` (``[B, T]``,
+    ``IGNORE_INDEX`` where unlabelled), and the number of labelled tokens."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    count = keep.sum()
+    h, y = hidden[:, :-1][keep], targets[keep]
+    if h.shape[0] == 0:  # nothing labelled: a zero that still reaches every parameter it would have
+        zero = hidden.sum() * 0.0 + sum(p.sum() * 0.0 for p in head.parameters())
+        return zero, count.float()
+    kernel = resolve_kernel(kernel, hidden.device)
+    if kernel == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y, head.bias)
+        return loss.float(), count.float()
+    if kernel == "plain":
+        return _chunk_loss(h, y, head.weight, head.bias), count.float()
+    return _FusedLinearCrossEntropy.apply(h, head.weight, head.bias, y, chunk_tokens), count.float()
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ weight.T + bias`` against ``y``, gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk_tokens):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_tokens):
+            hc, yc = h[start : start + chunk_tokens], y[start : start + chunk_tokens]
+            logits = F.linear(hc, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+            grad[torch.arange(yc.shape[0], device=yc.device), yc] -= 1.0
+            grad = grad.to(weight.dtype)  # as autograd would pass it back through .float()
+            if need_h:
+                grad_h[start : start + chunk_tokens] = grad @ weight
+            if need_w:
+                grad_w += (grad.T @ hc).float()
+            if need_b:
+                grad_b += grad.float().sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = next(saved) * grad_out.to(ctx.saved_tensors[0].dtype) if need_h else None
+        grad_w = (next(saved) * grad_out).to(ctx.dtypes[0]) if need_w else None
+        grad_b = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_b else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _chunk_loss(
+    h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()
+    return F.cross_entropy(logits, y, reduction="sum")
