@@ -21,6 +21,7 @@ All return the *sum* over labelled tokens and their count: the per-step normalis
 from __future__ import annotations
 
 import importlib.util
+import types
 
 import torch
 import torch.nn.functional as F
@@ -60,18 +61,41 @@ def summed_token_loss(
     keep = targets != IGNORE_INDEX
     count = keep.sum()
     h, y = hidden[:, :-1][keep], targets[keep]
-    if h.shape[0] == 0:  # nothing labelled: a zero that still reaches every parameter it would have
-        zero = hidden.sum() * 0.0 + sum(p.sum() * 0.0 for p in head.parameters())
-        return zero, count.float()
     kernel = resolve_kernel(kernel, hidden.device)
+    if h.shape[0] == 0 and kernel == "liger":
+        # nothing labelled: the chunked kernel's zero still reaches the head (zero gradients)
+        kernel = "chunked"
+    # A head sharded as its own FSDP2 unit holds only its shard outside its forward methods:
+    # call it through the method sharding registered (mmscene.train.sharding), which gathers it.
+    method = getattr(head, HEAD_LOSS_METHOD, None)
+    loss = (
+        method(h, y, kernel, chunk_tokens)
+        if method is not None
+        else head_loss(head, h, y, kernel, chunk_tokens)
+    )
+    return loss, count.float()
+
+
+HEAD_LOSS_METHOD = "mmscene_head_loss"
+
+
+def head_loss(
+    head: nn.Linear, h: torch.Tensor, y: torch.Tensor, kernel: str, chunk_tokens: int
+) -> torch.Tensor:
+    """Summed cross-entropy of ``head(h)`` against ``y`` (``kernel`` already resolved)."""
     if kernel == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y, head.bias)
-        return loss.float(), count.float()
+        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y, head.bias).float()
     if kernel == "plain":
-        return _chunk_loss(h, y, head.weight, head.bias), count.float()
-    return _FusedLinearCrossEntropy.apply(h, head.weight, head.bias, y, chunk_tokens), count.float()
+        return _chunk_loss(h, y, head.weight, head.bias)
+    return _FusedLinearCrossEntropy.apply(h, head.weight, head.bias, y, chunk_tokens)
+
+
+def attach_head_loss(head: nn.Linear) -> str:
+    """Give ``head`` the :func:`head_loss` method (for FSDP2's ``register_fsdp_forward_method``)."""
+    setattr(head, HEAD_LOSS_METHOD, types.MethodType(head_loss, head))
+    return HEAD_LOSS_METHOD
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -87,30 +111,34 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk_tokens):
             hc, yc = h[start : start + chunk_tokens], y[start : start + chunk_tokens]
             logits = F.linear(hc, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            target = logits.gather(1, yc[:, None]).squeeze(1)
+            # log-sum-exp and softmax in the logits' own buffer (torch.logsumexp would make a
+            # second chunk-sized tensor)
+            top = logits.amax(dim=-1, keepdim=True)
+            norm = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (norm.log() + top).squeeze(1).sub(target).sum()
             if not (need_h or need_w or need_b):
                 continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+            grad = logits.div_(norm)  # softmax
             grad[torch.arange(yc.shape[0], device=yc.device), yc] -= 1.0
-            grad = grad.to(weight.dtype)  # as autograd would pass it back through .float()
-            if need_h:
-                grad_h[start : start + chunk_tokens] = grad @ weight
-            if need_w:
-                grad_w += (grad.T @ hc).float()
+            if need_w:  # in place, fp32: no second head-sized tensor per chunk
+                grad_w.addmm_(grad.T, hc.float())
             if need_b:
-                grad_b += grad.float().sum(0)
+                grad_b += grad.sum(0)
+            if need_h:  # in the model's dtype, as autograd would pass it back through .float()
+                grad_h[start : start + chunk_tokens] = grad.to(weight.dtype) @ weight
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
+        # scaled in place: the stored gradients serve this one backward (no retain_graph)
         saved = iter(ctx.saved_tensors)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = next(saved) * grad_out.to(ctx.saved_tensors[0].dtype) if need_h else None
-        grad_w = (next(saved) * grad_out).to(ctx.dtypes[0]) if need_w else None
-        grad_b = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_b else None
+        grad_h = next(saved).mul_(grad_out.to(ctx.saved_tensors[0].dtype)) if need_h else None
+        grad_w = next(saved).mul_(grad_out).to(ctx.dtypes[0]) if need_w else None
+        grad_b = next(saved).mul_(grad_out).to(ctx.dtypes[1]) if need_b else None
         return grad_h, grad_w, grad_b, None, None
 
 

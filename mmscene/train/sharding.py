@@ -70,8 +70,15 @@ def shard(model: torch.nn.Module, mesh, cfg: dict[str, Any]) -> None:
         param_dtype=_DTYPES[cfg.get("param_dtype")], reduce_dtype=_DTYPES[cfg.get("reduce_dtype", "float32")]
     )
     kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.get("reshard_after_forward", True))
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    from mmscene.model.token_loss import attach_head_loss
+
+    head = model.language_model.get_output_embeddings()
     for layer in shard_units(model):
         fully_shard(layer, **kwargs)
+        if layer is head:  # the training loss uses the head outside its forward
+            register_fsdp_forward_method(head, attach_head_loss(head))
     fully_shard(model, **kwargs)
 
 
