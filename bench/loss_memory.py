@@ -70,7 +70,7 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument(
-        "--chunk", type=int, default=1024, help="chunk_tokens of the chunked kernel (training's default)"
+        "--chunk", type=int, default=512, help="chunk_tokens of the chunked kernel (training's default)"
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rounds", type=int, default=2)

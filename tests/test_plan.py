@@ -336,3 +336,20 @@ def test_layer_activation_bench_runs(tmp_path):
     ).stdout
     ratios = [float(line.split()[-1]) for line in out.splitlines()[1:-1]]
     assert len(ratios) == 3 and all(0.3 < r < 3 for r in ratios), out
+
+
+@pytest.mark.parametrize("llm", sorted(QWEN))
+def test_plan_learns_the_fused_loss(llm):
+    """With training's fused loss the logits terms shrink to one chunk plus the gradients made in
+    forward; everything else is the full-logits plan's."""
+    cfg = MultimodalConfig(vision="siglip-so400m-patch14-384-26l", text=llm)
+    common = dict(nodes=1, gpus_per_node=8, max_length=16384, micro_batch=1, activation_checkpointing=True)
+    full, fused = plan(cfg, **common), plan(cfg, **common, loss_chunk_tokens=512)
+    q = QWEN[llm]
+    h, V, n = q["h"], q["V"], 16384
+    assert fused.activations["logits"] == 512 * V * (2 + 4)
+    assert fused.activations["logits_grad"] == V * h * 4 + n * h * 2
+    saved = (full.activations["logits"] + full.activations["logits_grad"]) - (
+        fused.activations["logits"] + fused.activations["logits_grad"]
+    )
+    assert full.fsdp["total"] - fused.fsdp["total"] == saved > 20 * 2**30  # 16k x 152k logits: ~28 GiB

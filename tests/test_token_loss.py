@@ -101,3 +101,19 @@ def test_the_core_summed_loss_equals_the_loss_of_its_logits():
         assert (got is None) == (want is None)
         if got is not None:
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_loss_memory_bench_meets_its_target_in_miniature():
+    """bench/loss_memory.py at small sizes: chunked peak RSS <= 1/8 of unfused, equal losses."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "loss_memory.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--tokens", "2048", "--vocab", "32000", "--hidden", "64",
+         "--chunk", "128", "--rounds", "1"],  # fmt: skip
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "losses equal: True" in run.stdout

@@ -32,7 +32,9 @@ Then:
   * the attention mask of packed or padded rows (transformers' boolean block-causal / padding
     mask, rows * s * s bytes; none for a single unpadded row);
   * logits: n*V*(2 + 4) bytes (bf16 logits and their fp32 copy for the loss), and when backward
-    starts, while they are still held, their gradients: another n*V*(4 + 2) bytes;
+    starts, while they are still held, their gradients: another n*V*(4 + 2) bytes; with the fused
+    loss (``loss_chunk_tokens`` = c) one chunk's c*V*(2 + 4) bytes, and V*h*4 + n*h*2 bytes of
+    gradients made in forward;
   * vision tower (only when trained): the same formula with s = tokens per image, b = images
     (samples x images per sample; with a token budget, as many images as the budget holds).
 These are estimates: allocator fragmentation, NCCL buffers and the CUDA context (~1-3 GiB) come
@@ -183,11 +185,14 @@ def plan(
     hybrid: bool = False,
     activation_checkpointing: bool = False,
     strategy: str | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> Plan:
     """Parameter counts and memory estimates for ``config`` (a MultimodalConfig) on nodes x GPUs.
 
     ``batching`` (``data.batching`` in tokens mode) replaces ``micro_batch`` samples of
-    ``max_length`` tokens by a token budget.
+    ``max_length`` tokens by a token budget. ``loss_chunk_tokens``: the chunk of training's fused
+    loss (``model.loss_chunk_tokens``); None plans full logits (``model.loss_kernel: plain``, and
+    the loss the GPU peaks in docs/slurm.md were measured with).
     """
     from mmscene.train.sharding import shard_units
 
@@ -228,7 +233,9 @@ def plan(
     ddp["total_without_activations"] = sum(ddp.values())
 
     shape = micro_batch_shape(max_length, micro_batch, batching)
-    acts = activations(model, freeze, shape, images_per_sample, act_bytes=2 if pb == 2 else m)
+    acts = activations(
+        model, freeze, shape, images_per_sample, act_bytes=2 if pb == 2 else m, loss_chunk=loss_chunk_tokens
+    )
     acts.update(max_length=max_length, micro_batch=micro_batch if batching is None else None)
     key = "checkpointed" if activation_checkpointing else "full"
     for table in (fsdp, ddp):
@@ -262,7 +269,12 @@ def _ceil(a: int, b: int) -> int:
 
 
 def activations(
-    model, freeze, shape: dict[str, Any], images_per_sample: int, act_bytes: int = 2
+    model,
+    freeze,
+    shape: dict[str, Any],
+    images_per_sample: int,
+    act_bytes: int = 2,
+    loss_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Activation bytes of one micro-batch of ``shape`` (see :func:`micro_batch_shape`)."""
     text = model.config.text_config
@@ -271,10 +283,16 @@ def activations(
     layer = layer_activation_bytes(n, s, h, a, act_bytes)
     layer_sdpa = layer_activation_bytes(n, s, h, a, act_bytes, scores=False)
     mask = shape["mask_rows"] * s * s  # boolean, shared by every layer
-    logits = n * V * (act_bytes + 4)
-    # Backward begins with the loss's fp32 gradient and its bf16 cast while the logits are still
-    # held: the peak of a step (measured on an H200 with the 0.5B config, see docs/slurm.md).
-    logits_grad = n * V * (4 + act_bytes)
+    if loss_chunk is None:
+        logits = n * V * (act_bytes + 4)
+        # Backward begins with the loss's fp32 gradient and its bf16 cast while the logits are still
+        # held: the peak of a step (measured on an H200 with the 0.5B config, see docs/slurm.md).
+        logits_grad = n * V * (4 + act_bytes)
+    else:
+        # The fused loss (mmscene.model.token_loss): one chunk's logits in the model's dtype and
+        # fp32 at a time; the head's fp32 gradient and the hidden states' gradient made in forward.
+        logits = min(n, loss_chunk) * V * (act_bytes + 4)
+        logits_grad = V * h * 4 + n * h * act_bytes
     inputs = L * n * h * act_bytes  # what checkpointing keeps: each layer's input
     out: dict[str, Any] = {
         "batching": shape,

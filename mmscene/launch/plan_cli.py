@@ -135,6 +135,7 @@ def settings_from_yaml(path: str | Path) -> dict[str, Any]:
         "reduce_dtype": fsdp.get("reduce_dtype", "float32"),
         "hybrid": bool(fsdp.get("hybrid", False)),
         "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
+        "loss_chunk_tokens": _loss_chunk(model),
         "max_length": d.get("max_length", 4096),
         "micro_batch": d.get("batch_size", 8),
         "batching": parse_batching(d.get("batching")),
@@ -156,7 +157,15 @@ DEFAULT_SETTINGS = {
     "micro_batch": 1,
     "batching": None,
     "strategy": None,
+    "loss_chunk_tokens": 512,
 }
+
+
+def _loss_chunk(model: dict) -> int | None:
+    """Positions per chunk of the run's loss kernel; None for ``plain`` (logits of every position)."""
+    if model.get("loss_kernel", "auto") == "plain":
+        return None
+    return int(model.get("loss_chunk_tokens", 512))
 
 
 def resolve_model(spec: dict[str, Any] | None, preset: str | None, vision: str, source: str, instead: str):
@@ -270,6 +279,7 @@ def plan_main(args: argparse.Namespace) -> int:
         hybrid=s["hybrid"] if args.hybrid is None else args.hybrid,
         activation_checkpointing=s["activation_checkpointing"],
         strategy=s["strategy"],
+        loss_chunk_tokens=s["loss_chunk_tokens"],
     )
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)

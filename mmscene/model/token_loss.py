@@ -51,7 +51,7 @@ def summed_token_loss(
     head: nn.Linear,
     labels: torch.Tensor,
     kernel: str = "auto",
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy (fp32) of ``head(hidden)`` against ``labels`` (``[B, T]``,
     ``IGNORE_INDEX`` where unlabelled), and the number of labelled tokens."""

@@ -73,7 +73,7 @@ class MMSceneModule(L.LightningModule):
         nonfinite_loss: str = "stop",
         scoring: str = "lmms-eval",
         loss_kernel: str = "auto",
-        loss_chunk_tokens: int = 1024,
+        loss_chunk_tokens: int = 512,
     ):
         super().__init__()
         self.save_hyperparameters()
