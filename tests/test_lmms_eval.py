@@ -125,11 +125,25 @@ def _lmms_eval(
 
 
 def _logged_answers(out: Path, task: str) -> dict[str, str]:
-    """sample_id -> answer from lmms-eval's per-sample log (``*_samples_<task>.jsonl``)."""
+    """sample_id -> answer from lmms-eval's per-sample log."""
+    return {
+        str(r["overall_score"]["sample_id"]): _first(r["filtered_resps"]) for r in _sample_rows(out, task)
+    }
+
+
+def _sample_rows(out: Path, task: str) -> list[dict]:
+    """lmms-eval's per-sample log of ``task`` under ``out`` (``*_samples_<task>.jsonl``)."""
     files = sorted(out.rglob(f"*samples_{task}.jsonl"))
     assert files, f"no sample log for {task} under {out}"
-    rows = [json.loads(line) for line in files[-1].read_text().splitlines()]
-    return {str(r["overall_score"]["sample_id"]): _first(r["filtered_resps"]) for r in rows}
+    return [json.loads(line) for line in files[-1].read_text().splitlines()]
+
+
+def _harness_rows(setup, task: str) -> list[dict]:
+    """``lmms-eval --model mmscene`` on the checkpoint for ``task``; its per-sample log."""
+    out = setup["tmp"] / f"{task}_out"
+    run = _lmms_eval(setup, "mmscene", f"pretrained={setup['ckpt']}", task, out)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return _sample_rows(out, task)
 
 
 def _first(value):
@@ -271,13 +285,7 @@ def test_loglikelihood_equals_transformers_llava_on_the_exported_weights(setup):
 
     from mmscene.data.pipeline.chat_template import render_chat
 
-    out = setup["tmp"] / "choice_out"
-    run = _lmms_eval(setup, "mmscene", f"pretrained={setup['ckpt']}", "mm_choice", out)
-    assert run.returncode == 0, run.stderr[-4000:]
-    logged = [
-        json.loads(line)
-        for line in sorted(out.rglob("*samples_mm_choice.jsonl"))[-1].read_text().splitlines()
-    ]
+    logged = _harness_rows(setup, "mm_choice")
     processor = AutoProcessor.from_pretrained(str(setup["export"]), backend="pil")
     model = LlavaForConditionalGeneration.from_pretrained(str(setup["export"]), dtype=torch.float32).eval()
     for row in logged:
@@ -309,13 +317,7 @@ def test_multi_round_asks_each_round_on_the_same_images(setup):
     from mmscene.eval.loading import load_session
     from mmscene.train.module import generate_answers
 
-    out = setup["tmp"] / "rounds_out"
-    run = _lmms_eval(setup, "mmscene", f"pretrained={setup['ckpt']}", "mm_rounds", out)
-    assert run.returncode == 0, run.stderr[-4000:]
-    rows = [
-        json.loads(line)
-        for line in sorted(out.rglob("*samples_mm_rounds.jsonl"))[-1].read_text().splitlines()
-    ]
+    rows = _harness_rows(setup, "mm_rounds")
     session = load_session(setup["ckpt"])
     for row in rows:
         doc = setup["images"][row["doc_id"]]
