@@ -17,12 +17,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-
-from mmscene.eval.session import DataSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +54,12 @@ class BenchmarkEval(L.Callback):
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.multi_view_tasks = tuple(multi_view_tasks or ())
         self._last_step = -1
+        self._manager = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        from lmms_eval.tasks import TaskManager
+        from mmscene.eval.harness import find_tasks
 
-        from mmscene.eval.strict_pil import restore_strict_pil
-
-        restore_strict_pil()
-        known = TaskManager(include_path=self.include_path or None).all_tasks
-        missing = [t for t in self.tasks if t not in known]
+        self._manager, missing = find_tasks(self.tasks, self.include_path)  # kept for every evaluation
         if missing:
             raise ValueError(
                 f"BenchmarkEval: lmms-eval knows no task {missing} (include_path: {self.include_path})"
@@ -92,12 +86,14 @@ class BenchmarkEval(L.Callback):
     def evaluate(self, trainer, pl_module) -> dict[str, dict[str, float]] | None:
         from mmscene.eval.harness import run_tasks, scores
         from mmscene.eval.lmms_model import MMSceneLMM
-        from mmscene.eval.session import EvalSession
+        from mmscene.eval.session import DataSettings, EvalSession
 
+        # the data module's prompt settings (training's defaults for a data module of another kind)
+        hparams = dict(getattr(trainer.datamodule, "hparams", {}) or {})
         session = EvalSession(
             pl_module.model,
             pl_module.tokenizer,
-            _settings(trainer.datamodule),
+            DataSettings.of(hparams),
             scenarios=dict(getattr(trainer.datamodule, "scenarios", {}) or {}),
             multi_view_tasks=self.multi_view_tasks,
         )
@@ -113,13 +109,8 @@ class BenchmarkEval(L.Callback):
                     limit=self.limit,
                     log_samples=False,
                     distributed=trainer.world_size > 1,
+                    manager=self._manager,
                 )
         finally:
             pl_module.model.train(was_training)
         return scores(results) if results is not None else None
-
-
-def _settings(datamodule: Any) -> DataSettings:
-    """The data module's prompt settings (training's defaults for a data module of another kind)."""
-    hparams = dict(getattr(datamodule, "hparams", {}) or {})
-    return DataSettings.of(hparams)

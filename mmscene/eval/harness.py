@@ -13,9 +13,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lmms_eval.evaluator as evaluator
+from lmms_eval.tasks import TaskManager
+
 from mmscene.eval.session import EvaluationError
+from mmscene.eval.strict_pil import restore_strict_pil
+
+restore_strict_pil()
 
 log = logging.getLogger(__name__)
+
+
+def find_tasks(tasks: list[str], include_path: list[str] | None = None) -> tuple[TaskManager, list[str]]:
+    """lmms-eval's task index (its bundled tasks and ``include_path``'s YAMLs; building it reads
+    them all, so callers keep it) and which of ``tasks`` it lacks."""
+    manager = TaskManager(include_path=include_path or None)
+    return manager, [t for t in tasks if t not in manager.all_tasks]
 
 
 def run_tasks(
@@ -25,25 +38,22 @@ def run_tasks(
     limit: int | float | None = None,
     log_samples: bool = True,
     distributed: bool = False,
+    manager: TaskManager | None = None,
 ) -> dict[str, Any] | None:
-    """lmms-eval's ``simple_evaluate`` on ``lm``; rank 0 gets the results, other ranks ``None``."""
-    import lmms_eval.evaluator as evaluator
-    from lmms_eval.tasks import TaskManager
-
-    from mmscene.eval.strict_pil import restore_strict_pil
-
-    restore_strict_pil()
-
+    """lmms-eval's ``simple_evaluate`` on ``lm``; rank 0 gets the results, other ranks ``None``.
+    ``manager``: a task index from :func:`find_tasks` of the same tasks, reused."""
+    if manager is None:
+        manager, missing = find_tasks(tasks, include_path)
+        if missing:
+            raise EvaluationError(
+                f"lmms-eval knows no task {missing} (include_path: {include_path or 'none'})"
+            )
     if distributed:
         import torch.distributed as dist
 
         # lmms-eval reads the process layout from the environment (as torchrun sets it)
         os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
         os.environ.setdefault("RANK", str(dist.get_rank()))
-    manager = TaskManager(include_path=include_path or None)
-    missing = [t for t in tasks if t not in manager.all_tasks]
-    if missing:
-        raise EvaluationError(f"lmms-eval knows no task {missing} (include_path: {include_path or 'none'})")
     results = evaluator.simple_evaluate(
         model=lm,
         tasks=list(tasks),

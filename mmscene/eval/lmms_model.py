@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, unwrap_generation_output
 from lmms_eval.api.model import lmms
 from lmms_eval.utils import Collator
 
@@ -206,16 +206,15 @@ class MMSceneLMM(lmms):
         return out
 
 
-def _through_evaluator(result: tuple[float, bool]):
-    """``result`` as lmms-eval's evaluator passes it on unchanged. lmms-eval 0.7.3 runs every
-    model output through ``unwrap_generation_output``, which turns a ``(logprob, is_greedy)``
-    tuple into its string and so breaks every likelihood-scored task; its ``GenerationResult``
-    wrapper is passed through as is. Versions that keep tuples get the tuple."""
-    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+# lmms-eval 0.7.3 runs every model output through ``unwrap_generation_output``, which turns a
+# ``(logprob, is_greedy)`` tuple into its string and so breaks every likelihood-scored task; its
+# ``GenerationResult`` wrapper is passed through as is. Versions that keep tuples get the tuple.
+_WRAP_LIKELIHOOD = unwrap_generation_output((0.0, True))[0] != (0.0, True)
 
-    if unwrap_generation_output(result)[0] == result:
-        return result
-    return GenerationResult(text=result)  # type: ignore[arg-type]
+
+def _through_evaluator(result: tuple[float, bool]):
+    """``result`` as lmms-eval's evaluator passes it on unchanged."""
+    return GenerationResult(text=result) if _WRAP_LIKELIHOOD else result  # type: ignore[arg-type]
 
 
 def _cut(answer: str, until: list[str]) -> str:

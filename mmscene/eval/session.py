@@ -10,9 +10,9 @@ into an answer: a request that cannot be prepared raises :class:`EvaluationError
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from mmscene.data.ingest.annotations import Item
-from mmscene.data.ingest.interleave_bench import bench_scenario
+from mmscene.data.ingest.interleave_bench import InlineImage, bench_scenario
 from mmscene.data.ingest.records import RecordContext, ordered_rules, prepare
 from mmscene.data.ingest.shard_writer import safe_key
 from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
@@ -105,12 +105,11 @@ class EvalSession:
     ) -> dict[str, Any]:
         """The generation prompt of one request (``continuation``: also its tokens, for likelihood)."""
         key = safe_key(key)
-        with tempfile.TemporaryDirectory(prefix="mmscene-eval-") as tmp:
-            row, root = _annotation_row(key, context, visuals, Path(tmp))
-            ctx = RecordContext(
-                media_root=str(root), scenario=scenario, rules=ordered_rules(), source_file="lmms-eval"
-            )
-            prepared = prepare(ctx, Item(index=0, record=row))
+        row, root = _annotation_row(key, context, visuals)
+        ctx = RecordContext(
+            media_root=str(root), scenario=scenario, rules=ordered_rules(), source_file="lmms-eval"
+        )
+        prepared = prepare(ctx, Item(index=0, record=row))
         if prepared.reason:
             raise EvaluationError(f"request {key}: {prepared.reason}: {prepared.detail}")
         sample = {"__key__": key, **dict(prepared.members)}
@@ -158,8 +157,9 @@ class EvalSession:
         return float(logprob), bool((scores.argmax(-1) == target).all())
 
 
-def _annotation_row(key: str, context: str, visuals: list[Any], tmp: Path) -> tuple[dict[str, Any], Path]:
-    """An annotation row of the converter's LLaVA layout for this request, and its media root."""
+def _annotation_row(key: str, context: str, visuals: list[Any]) -> tuple[dict[str, Any], Path]:
+    """An annotation row of the converter's LLaVA layout for this request, and its media root
+    (images travel in the row, in memory, as a bench row's embedded ones do)."""
     row: dict[str, Any] = {
         "id": key,
         "conversations": [{"from": "human", "value": context}, {"from": "gpt", "value": ""}],
@@ -167,19 +167,21 @@ def _annotation_row(key: str, context: str, visuals: list[Any], tmp: Path) -> tu
     if not visuals:
         raise EvaluationError(f"request {key} has no image or video; mmscene's scenarios answer about media")
     if all(isinstance(v, Image.Image) for v in visuals):
-        names = []
-        for i, image in enumerate(visuals):
-            name = f"{key}-{i}.png"  # lossless: the pixels the harness handed over, unchanged
-            image.save(tmp / name, format="PNG")
-            names.append(name)
-        row["image"] = names
-        return row, tmp
+        row["image"] = [InlineImage(_png(image), slot=f"image_{i}") for i, image in enumerate(visuals)]
+        return row, Path.cwd()  # nothing is read from it
     if len(visuals) == 1 and isinstance(visuals[0], str):
         video = Path(visuals[0]).resolve()
         row["video"] = video.name
         return row, video.parent
     kinds = sorted({type(v).__name__ for v in visuals})
     raise EvaluationError(f"request {key}: visuals of types {kinds} (expected PIL images or one video path)")
+
+
+def _png(image: Image.Image) -> bytes:
+    """Lossless: the pixels the harness handed over, unchanged."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -20,6 +20,7 @@ All return the *sum* over labelled tokens and their count: the per-step normalis
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import types
 
@@ -42,6 +43,7 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     return kernel
 
 
+@functools.cache
 def _has_liger() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
