@@ -97,13 +97,12 @@ def iter_annotations(path: Path | str, chunk_size: int = 1 << 20) -> Iterator[It
     with ``error`` set; a malformed array or Parquet file cannot be resynchronised and raises ValueError.
     """
     path = Path(path)
-    if annotation_format(path) == "parquet":
+    kind = annotation_format(path)
+    if kind == "parquet":
         yield from _iter_parquet(path)
         return
     with path.open("rb") as f:
-        head = f.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
-        f.seek(0)
-        if head.startswith(b"["):
+        if kind == "json":
             yield from _iter_json_array(f, path, chunk_size)
         else:
             yield from _iter_json_lines(f)
