@@ -2,7 +2,10 @@
 
 The chat template comes from the tokenizer when it has one, else the qwen_1_5 ChatML template.
 Assistant spans are found by rendering growing prefixes of the conversation, which works for
-any template that renders a prefix as a prefix (no ``{% generation %}`` markers needed).
+any template that renders a prefix as a prefix (no ``{% generation %}`` markers needed). That
+costs two renders per assistant turn, so it runs once per sequence of roles on sentinel contents
+(``turn_layout``); each sample is then assembled from that layout and checked with one render,
+the prefix renders running again only where the check fails.
 """
 
 from __future__ import annotations
@@ -14,8 +17,12 @@ import torch
 
 from mmscene.constants import IGNORE_INDEX
 from mmscene.data.media.preprocess import MEAN, STD, normalisation, preprocess_images
+from mmscene.data.pipeline import turn_layout
 from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, QWEN_1_5_TEMPLATE, with_system_prompt
+from mmscene.data.pipeline.turn_layout import Pieces
 from mmscene.scenario import IMAGE_PLACEHOLDER, Prompt, SkipSample
+
+MAX_LAYOUTS = 1024  # learned turn layouts kept per encoder, one per sequence of roles
 
 
 @dataclasses.dataclass
@@ -59,6 +66,7 @@ class PromptEncoder:
         self.max_length = max_length
         self.overflow = overflow
         self.template = getattr(tokenizer, "chat_template", None) or QWEN_1_5_TEMPLATE
+        self._layouts: dict[tuple[str, tuple[str, ...]], turn_layout.Layout | None] = {}
 
     # ------------------------------------------------------------------ public
     def encode(self, prompt: Prompt) -> dict[str, Any]:
@@ -97,30 +105,16 @@ class PromptEncoder:
 
     def _turn_tokens(self, messages: list[dict[str, str]], prompt: Prompt) -> list[dict[str, Any]]:
         """Per message: token ids, labels and how many images it holds."""
+        pieces = self._layout_pieces(messages)
+        if pieces is None:
+            pieces = self._prefix_pieces(messages, prompt.key)
         turns = []
-        prev = ""
         image_index = 0
-        for i, msg in enumerate(messages):
-            if msg["role"] == "assistant":
-                if IMAGE_PLACEHOLDER in msg["content"]:
-                    raise SkipSample(
-                        "image_in_answer", f"{prompt.key}: assistant turn holds an <image> placeholder"
-                    )
-                head = self._render(messages[:i], add_generation_prompt=True)
-                full = self._render(messages[: i + 1])
-                self._check_prefix(prev, head, prompt)
-                self._check_prefix(head, full, prompt)
-                body = full[len(head) :]
-                target = body.rstrip()  # content + end-of-turn marker; the trailing newline is context
-                pieces = [(head[len(prev) :], False), (target, True), (body[len(target) :], False)]
-            else:
-                full = self._render(messages[: i + 1])
-                self._check_prefix(prev, full, prompt)
-                pieces = [(full[len(prev) :], False)]
+        for msg, (head, target, tail) in zip(messages, pieces, strict=True):
             ids: list[int] = []
             labels: list[int] = []
             n_images = 0
-            for text, is_target in pieces:
+            for text, is_target in ((head, False), (target, True), (tail, False)):
                 n = text.count(IMAGE_PLACEHOLDER)
                 piece = self._tokens(text, prompt.pooled[image_index : image_index + n])
                 ids += piece
@@ -128,7 +122,6 @@ class PromptEncoder:
                 image_index += n
                 n_images += n
             turns.append({"role": msg["role"], "ids": ids, "labels": labels, "images": n_images})
-            prev = full
         if image_index != len(prompt.images):
             raise SkipSample(
                 "placeholder_mismatch",
@@ -136,11 +129,57 @@ class PromptEncoder:
             )
         return turns
 
+    def _layout_pieces(self, messages: list[dict[str, str]]) -> list[Pieces] | None:
+        """The reference's pieces from the learned layout of these roles, checked against one
+        render of the whole conversation; None where the reference must run."""
+        if any(m["role"] == "assistant" and IMAGE_PLACEHOLDER in m["content"] for m in messages):
+            return None  # the reference raises image_in_answer at that turn
+        roles = tuple(m["role"] for m in messages)
+        key = (self.template, roles)
+        if key not in self._layouts:
+            if len(self._layouts) >= MAX_LAYOUTS:
+                self._layouts.clear()  # conversation shapes are few; a flood of them only costs probes
+            probe_key = "<layout probe>"
+            self._layouts[key] = turn_layout.learn(
+                roles, lambda probe: self._prefix_pieces(probe, probe_key), self.template
+            )
+        layout = self._layouts[key]
+        if layout is None:
+            return None
+        pieces = turn_layout.fill(layout, [m["content"] for m in messages])
+        try:
+            rendered = self._render(messages)
+        except Exception:  # noqa: BLE001 - the reference renders again and raises what it raises
+            return None
+        return pieces if rendered == "".join(h + t + r for h, t, r in pieces) else None
+
+    def _prefix_pieces(self, messages: list[dict[str, str]], key: str) -> list[Pieces]:
+        """The reference: each message's pieces from renders of growing prefixes of the conversation."""
+        pieces = []
+        prev = ""
+        for i, msg in enumerate(messages):
+            if msg["role"] == "assistant":
+                if IMAGE_PLACEHOLDER in msg["content"]:
+                    raise SkipSample("image_in_answer", f"{key}: assistant turn holds an <image> placeholder")
+                head = self._render(messages[:i], add_generation_prompt=True)
+                full = self._render(messages[: i + 1])
+                self._check_prefix(prev, head, key)
+                self._check_prefix(head, full, key)
+                body = full[len(head) :]
+                target = body.rstrip()  # content + end-of-turn marker; the trailing newline is context
+                pieces.append((head[len(prev) :], target, body[len(target) :]))
+            else:
+                full = self._render(messages[: i + 1])
+                self._check_prefix(prev, full, key)
+                pieces.append((full[len(prev) :], "", ""))
+            prev = full
+        return pieces
+
     @staticmethod
-    def _check_prefix(prefix: str, text: str, prompt: Prompt) -> None:
+    def _check_prefix(prefix: str, text: str, key: str) -> None:
         if not text.startswith(prefix):
             raise ValueError(
-                f"chat template does not render conversation prefixes as prefixes (sample {prompt.key}); "
+                f"chat template does not render conversation prefixes as prefixes (sample {key}); "
                 "mmscene cannot locate assistant turns with it: set a different chat template"
             )
 
