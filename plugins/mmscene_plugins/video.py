@@ -25,6 +25,9 @@ class VideoScenario(Scenario):
         max_frames: cap on the frame count (both modes).
         frame_labels: ``"none"``; ``"index"`` prefixes each frame with ``"Frame i: "`` (from 1);
             ``"time"`` with its timestamp, ``"t=1.5s: "``.
+        frame_size: when set (the tower's image size), frames are decoded with their longer side
+            scaled down to it, never up: padding to a square and resizing then give the tower the
+            same geometry, but the decoder converts, and the preprocessing resizes, small frames.
     """
 
     name = "video"
@@ -37,6 +40,7 @@ class VideoScenario(Scenario):
         fps: float | None = None,
         max_frames: int = 32,
         frame_labels: str = "none",
+        frame_size: int | None = None,
     ):
         if num_frames < 1 or max_frames < 1:
             raise ValueError("num_frames and max_frames must be at least 1")
@@ -44,10 +48,13 @@ class VideoScenario(Scenario):
             raise ValueError(f"fps must be positive, got {fps}")
         if frame_labels not in FRAME_LABELS:
             raise ValueError(f"frame_labels must be one of {FRAME_LABELS}, got {frame_labels!r}")
+        if frame_size is not None and frame_size < 1:
+            raise ValueError(f"frame_size must be at least 1, got {frame_size}")
         self.num_frames = int(num_frames)
         self.fps = None if fps is None else float(fps)
         self.max_frames = int(max_frames)
         self.frame_labels = frame_labels
+        self.frame_size = None if frame_size is None else int(frame_size)
 
     def load(self, sample: dict[str, Any]) -> Example:
         record = self.read_record(sample)
@@ -55,7 +62,11 @@ class VideoScenario(Scenario):
         if len(items) != 1:
             raise SkipSample("wrong_media", f"{record['id']}: video needs one video, record has {len(items)}")
         frames, times = decode_video(
-            media_bytes(sample, items[0]["member"]), self.num_frames, self.fps, max_frames=self.max_frames
+            media_bytes(sample, items[0]["member"]),
+            self.num_frames,
+            self.fps,
+            max_frames=self.max_frames,
+            max_side=self.frame_size,
         )
         # decord's float32 seconds: 0.31999 -> 0.32
         return self.example(sample, record, frames=frames, frame_times=[round(t, 3) for t in times])
