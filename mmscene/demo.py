@@ -69,33 +69,57 @@ def report(log_dir: Path, data: Path) -> None:
 
 
 def plot(log_dir: Path) -> Path:
+    """The loss (overall and per scenario) beside the validation scores and the telemetry."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    loss_steps, losses = [], []
     with open(log_dir / "metrics.csv") as f:
-        for row in csv.DictReader(f):
-            if row.get("train/loss"):
-                loss_steps.append(int(row["step"]))
-                losses.append(float(row["train/loss"]))
+        rows = list(csv.DictReader(f))
+
+    def series(column: str) -> tuple[list[int], list[float]]:
+        points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column)]
+        return tuple(map(list, zip(*points))) if points else ([], [])
+
+    columns = list(rows[0]) if rows else []
     curves: dict[str, list[tuple[int, float]]] = {}
     for line in (log_dir / "results.json").read_text().splitlines():
         record = json.loads(line)
         for name, value in record["scores"].items():
             if name.endswith("/overall"):
                 curves.setdefault(name.split("/")[0], []).append((record["step"], value))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(loss_steps, losses)
-    ax1.set(title="training loss", xlabel="step", ylabel="loss")
+    fig, ((loss_ax, score_ax), (speed_ax, grad_ax)) = plt.subplots(2, 2, figsize=(11, 8))
+    loss_ax.plot(*series("train/loss"), label="all", color="black")
+    for column in sorted(c for c in columns if c.startswith("train/loss/")):
+        loss_ax.plot(*series(column), label=column.removeprefix("train/loss/"), alpha=0.7)
+    loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
+    loss_ax.legend()
     for scenario, points in sorted(curves.items()):
-        ax2.plot(*zip(*points), marker="o", label=scenario)
-    ax2.set(title="validation score per scenario", xlabel="step", ylabel="score", ylim=(0, 1.02))
-    ax2.legend()
+        score_ax.plot(*zip(*points), marker="o", label=scenario)
+    score_ax.set(title="validation score per scenario", xlabel="step", ylabel="score", ylim=(0, 1.02))
+    score_ax.legend()
+    speed_ax.plot(*series("train/tokens_per_s"), color="tab:blue")
+    speed_ax.set(title="throughput and MFU (CPU: of the measured matmul rate)", xlabel="step")
+    speed_ax.set_ylabel("tokens/s", color="tab:blue")
+    mfu_ax = speed_ax.twinx()
+    for column, style in (("train/mfu_lm", "--"), ("train/mfu_with_vit", ":")):
+        mfu_ax.plot(*series(column), style, color="tab:red", label=column.removeprefix("train/"))
+    mfu_ax.set_ylabel("MFU", color="tab:red")
+    mfu_ax.legend(loc="lower right")
+    grad_ax.plot(*series("train/grad_norm"), color="tab:green")
+    grad_ax.set(title="gradient norm (before clipping) and learning rate", xlabel="step")
+    grad_ax.set_ylabel("grad norm", color="tab:green")
+    lr_ax = grad_ax.twinx()
+    for column in sorted(c for c in columns if c.startswith("train/lr/")):
+        lr_ax.plot(*series(column), "--", label=column.removeprefix("train/lr/"))
+    lr_ax.set_ylabel("learning rate")
+    if any(c.startswith("train/lr/") for c in columns):
+        lr_ax.legend(loc="upper right")
     fig.tight_layout()
     out = log_dir / "demo.png"
     fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
 
 

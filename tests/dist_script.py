@@ -45,6 +45,7 @@ from mmscene.data.pipeline.mixer import Source
 from mmscene.train.datamodule import MMSceneDataModule, load_tokenizer
 from mmscene.train.module import MMSceneModule
 from mmscene.train.ranks import from_all_ranks
+from mmscene.train.telemetry import Telemetry
 from mmscene.train.trainer import MMSceneTrainer
 
 SCENARIOS = ("single_image", "multi_image", "video", "3d")
@@ -66,6 +67,7 @@ class FixedSamples(L.LightningDataModule):
         encoder = PromptEncoder(tok, module.geometry())
         sources = [Source(shards=str(self.data / "train" / s), scenario=s) for s in SCENARIOS]
         scenarios = {s: get_scenario(s, **self.options.get(s, {})) for s in SCENARIOS}
+        self.scenarios = scenarios  # the module's per-scenario loss reads the names
         samples = list(EvalSamples(sources, scenarios, encoder.encode))[:64]
         # Demo answers are all one letter; give sample i a longer answer (the i*5 % 23 prompt
         # tokens before it also labelled) so that micro-batches and ranks hold very different
@@ -137,6 +139,8 @@ class Record(L.Callback):
         )
         if trainer.is_global_zero:
             torch.save({k: v.clone() for k, v in state.items()}, self.out / "weights.pt")
+            (telemetry,) = [c for c in trainer.callbacks if isinstance(c, Telemetry)]
+            (self.out / "telemetry.json").write_text(json.dumps(telemetry.history))
 
 
 def parse() -> argparse.Namespace:
@@ -334,6 +338,7 @@ def main() -> None:
         max_steps=args.steps,
         accumulate_grad_batches=args.accumulate,
         logger=False,
+        log_every_n_steps=1,  # the telemetry's window: one optimizer step
         enable_checkpointing=bool(args.kill_at or args.checkpoint_every),
         enable_progress_bar=False,
         callbacks=callbacks,

@@ -33,6 +33,10 @@ def _steps(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 
 
+def _telemetry(out: Path) -> list:
+    return json.loads((out / "telemetry.json").read_text())
+
+
 def _load(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
@@ -69,6 +73,18 @@ def test_step_is_the_mean_over_all_labelled_tokens(
             b["loss"],
         )
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trains
+    # the telemetry sees the same steps: gradient norm (of sharded gradients under FSDP2) and
+    # per-scenario losses summed over ranks
+    seen, expected = _telemetry(tmp_path), _telemetry(single)
+    assert [step for step, _ in seen] == [step for step, _ in expected] == [0, 1, 2, 3]
+    scenarios = set()
+    for (_, a), (_, b) in zip(expected, seen):
+        names = {k for k in a if k.startswith("train/loss/")}
+        assert names == {k for k in b if k.startswith("train/loss/")}
+        scenarios |= names
+        for name in names | {"train/grad_norm"}:
+            assert b[name] == pytest.approx(a[name], rel=1e-4), name
+    assert len(scenarios) > 1, scenarios
     ga, gb = _load(single / "grads.pt"), _load(tmp_path / "grads.pt")
     assert sorted(ga) == sorted(gb) and ga
     for name in ga:

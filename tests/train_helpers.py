@@ -57,16 +57,23 @@ def write_config(cfg: dict, path: Path) -> Path:
 
 
 class RecordBatches(L.Callback):
-    """Appends the sample keys of every training batch, with its step, to a JSONL file."""
+    """Appends the sample keys of every training batch, with its step, its samples' tokens and its
+    row slots, to a JSONL file."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        keys = [m["key"] for m in batch["meta"]]
+        tokens = int((batch["sample_index"] >= 0).sum())
+        record = {
+            "step": trainer.global_step,
+            "keys": keys,
+            "tokens": tokens,
+            "slots": batch["input_ids"].numel(),
+        }
         with open(self.path, "a") as f:
-            f.write(
-                json.dumps({"step": trainer.global_step, "keys": [m["key"] for m in batch["meta"]]}) + "\n"
-            )
+            f.write(json.dumps(record) + "\n")
 
 
 class KillAt(L.Callback):

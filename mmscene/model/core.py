@@ -21,7 +21,7 @@ from mmscene.model.config import MultimodalConfig
 from mmscene.model.projector import build_projector
 from mmscene.model.token_loss import summed_token_loss
 
-_CLS_TOWERS = ("clip_vision_model",)  # towers whose first token is a CLS token
+CLS_TOWERS = ("clip_vision_model",)  # towers whose first token is a CLS token
 
 
 class MultimodalLM(nn.Module):
@@ -76,7 +76,7 @@ class MultimodalLM(nn.Module):
         if pooled and self.config.frame_pool_stride > 1:
             side = grid // self.config.frame_pool_stride
             return side * side
-        has_cls = self.config.vision_config.model_type in _CLS_TOWERS
+        has_cls = self.config.vision_config.model_type in CLS_TOWERS
         n = grid * grid + int(has_cls)
         return n - 1 if self.config.vision_feature_select == "default" else n
 
@@ -160,9 +160,10 @@ class MultimodalLM(nn.Module):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (and the mean token loss when ``labels`` are given); with ``generate_kwargs``,
-        the new tokens of :meth:`generate`; with ``summed_loss`` (``{kernel, chunk_tokens}``, see
-        :mod:`mmscene.model.token_loss`) and ``labels``, the summed token loss and the labelled
-        token count, computed from the last hidden states without full-vocabulary logits.
+        the new tokens of :meth:`generate`; with ``summed_loss`` (``{kernel, chunk_tokens}`` and optionally
+        ``{groups, num_groups}``, see :func:`mmscene.model.token_loss.summed_token_loss`) and
+        ``labels``, the summed token loss and the labelled token count (and per-group sums),
+        computed from the last hidden states without full-vocabulary logits.
 
         Generation enters here, through ``__call__``, so that a sharded (FSDP2) root sees one
         forward around the whole of it: its pre-forward hook gathers the parameters the root
@@ -183,6 +184,8 @@ class MultimodalLM(nn.Module):
             # their order, row after row.
             input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
             labels = labels.reshape(1, -1) if labels is not None else None
+            if summed_loss is not None and summed_loss.get("groups") is not None:
+                summed_loss = {**summed_loss, "groups": summed_loss["groups"].reshape(1, -1)}
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
         if labels is not None:
             labels = self.loss_labels(labels, input_ids)

@@ -15,7 +15,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from mmscene.model.config import CheckpointError
-from mmscene.model.core import _CLS_TOWERS, MultimodalLM
+from mmscene.model.core import CLS_TOWERS, MultimodalLM
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def save_llava_hf(
 def num_additional_image_tokens(model: MultimodalLM) -> int:
     """Tokens the tower adds to its patch grid (CLIP's CLS). LlavaProcessor expands ``<image>`` to
     ``grid² + this``, minus one under ``vision_feature_select_strategy="default"`` (CLS dropped)."""
-    return int(model.config.vision_config.model_type in _CLS_TOWERS)
+    return int(model.config.vision_config.model_type in CLS_TOWERS)
 
 
 def build_processor(model: MultimodalLM, tokenizer, pad_to_square: bool = True):

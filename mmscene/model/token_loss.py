@@ -54,9 +54,15 @@ def summed_token_loss(
     labels: torch.Tensor,
     kernel: str = "auto",
     chunk_tokens: int = 512,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    groups: torch.Tensor | None = None,
+    num_groups: int = 0,
+) -> tuple[torch.Tensor, ...]:
     """Summed next-token cross-entropy (fp32) of ``head(hidden)`` against ``labels`` (``[B, T]``,
-    ``IGNORE_INDEX`` where unlabelled), and the number of labelled tokens."""
+    ``IGNORE_INDEX`` where unlabelled), and the number of labelled tokens.
+
+    With ``groups`` (``[B, T]``, a group id in ``[0, num_groups)`` per position, e.g. the
+    sample's scenario), also ``[num_groups, 2]``: each group's detached loss sum and token count
+    (None under ``liger``, whose kernel gives no per-token losses)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     targets = labels[:, 1:]
@@ -70,12 +76,20 @@ def summed_token_loss(
     # A head sharded as its own FSDP2 unit holds only its shard outside its forward methods:
     # call it through the method sharding registered (mmscene.train.sharding), which gathers it.
     method = getattr(head, HEAD_LOSS_METHOD, None)
-    loss = (
+    loss, per_token = (
         method(h, y, kernel, chunk_tokens)
         if method is not None
         else head_loss(head, h, y, kernel, chunk_tokens)
     )
-    return loss, count.float()
+    if groups is None:
+        return loss, count.float()
+    if per_token is None:
+        return loss, count.float(), None
+    by_group = torch.zeros(num_groups, 2, dtype=torch.float32, device=hidden.device)
+    which = groups[:, 1:][keep]
+    by_group[:, 0].index_add_(0, which, per_token.detach().float())
+    by_group[:, 1].index_add_(0, which, torch.ones_like(per_token, dtype=torch.float32))
+    return loss, count.float(), by_group
 
 
 HEAD_LOSS_METHOD = "mmscene_head_loss"
@@ -84,13 +98,16 @@ HEAD_LOSS_METHOD = "mmscene_head_loss"
 def head_loss(
     head: nn.Linear, h: torch.Tensor, y: torch.Tensor, kernel: str, chunk_tokens: int
 ) -> torch.Tensor:
-    """Summed cross-entropy of ``head(h)`` against ``y`` (``kernel`` already resolved)."""
+    """Summed cross-entropy of ``head(h)`` against ``y`` (``kernel`` already resolved), and the
+    per-token losses (detached; None under ``liger``)."""
     if kernel == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        return LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y, head.bias).float()
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, h, y, head.bias)
+        return loss.float(), None
     if kernel == "plain":
-        return _chunk_loss(h, y, head.weight, head.bias)
+        per_token = _token_losses(h, y, head.weight, head.bias)
+        return per_token.sum(), per_token.detach()
     return _FusedLinearCrossEntropy.apply(h, head.weight, head.bias, y, chunk_tokens)
 
 
@@ -109,7 +126,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        per_token = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
             hc, yc = h[start : start + chunk_tokens], y[start : start + chunk_tokens]
             logits = F.linear(hc, weight, bias).float()
@@ -118,7 +135,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             # second chunk-sized tensor)
             top = logits.amax(dim=-1, keepdim=True)
             norm = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            total += (norm.log() + top).squeeze(1).sub(target).sum()
+            per_token[start : start + chunk_tokens] = (norm.log() + top).squeeze(1).sub(target)
             if not (need_h or need_w or need_b):
                 continue
             grad = logits.div_(norm)  # softmax
@@ -131,10 +148,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_h[start : start + chunk_tokens] = grad.to(weight.dtype) @ weight
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total
+        ctx.mark_non_differentiable(per_token)
+        return per_token.sum(), per_token
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_per_token):
         # scaled in place: the stored gradients serve this one backward (no retain_graph)
         saved = iter(ctx.saved_tensors)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -144,8 +162,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None
 
 
-def _chunk_loss(
+def _token_losses(
     h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     logits = F.linear(h, weight, bias).float()
-    return F.cross_entropy(logits, y, reduction="sum")
+    return F.cross_entropy(logits, y, reduction="none")

@@ -53,7 +53,8 @@ def _read_sharded(folder: Path) -> dict[str, Any]:
 
 def load_module_from_checkpoint(path: str | Path):
     """The trained module from a Lightning checkpoint file or a sharded (distributed) checkpoint folder."""
-    from mmscene.train.module import MMSceneModule, skeleton
+    from mmscene.train.building import skeleton
+    from mmscene.train.module import MMSceneModule
 
     ckpt = read_training_checkpoint(Path(path))
     hparams = {

@@ -234,7 +234,12 @@ class MMSceneDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             worker_init_fn=exit_with_parent,
+            # pinned host batches: Lightning's copy to a GPU is then asynchronous (non_blocking)
+            pin_memory=self._on_gpu(),
         )
+
+    def _on_gpu(self) -> bool:
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def _eval_loader(self, stage: str) -> DataLoader | list:
         # Lightning warns that an IterableDataset's length may be wrong with several workers;

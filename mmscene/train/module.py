@@ -12,11 +12,11 @@ import torch
 
 from mmscene.constants import MODEL_PARTS
 from mmscene.metrics import SCORINGS
-from mmscene.model import attention, compose, load_pretrained
-from mmscene.model.config import MultimodalConfig
+from mmscene.model import attention
 from mmscene.model.core import MultimodalLM
 from mmscene.model.token_loss import KERNELS
 from mmscene.train import sharding
+from mmscene.train.building import build_model, model_config, skeleton
 from mmscene.train.evaluation import Scoreboard
 from mmscene.train.loss import scale_gradients
 from mmscene.train.ranks import concatenated
@@ -102,6 +102,9 @@ class MMSceneModule(L.LightningModule):
         self._window = None  # (loss sum, labelled tokens) of the micro-batches of this optimizer step
         self._window_samples: list[tuple[str, str]] = []  # (key, scenario), for a non-finite loss
         self._nonfinite_steps = 0
+        # per-scenario [loss sum, tokens] since the last telemetry log, on the device
+        self.scenario_names: list[str] | None = None
+        self.scenario_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -147,22 +150,38 @@ class MMSceneModule(L.LightningModule):
         if sharding.is_model_parallel(self):
             # FSDP2 reduce-scatters only on the last micro-batch of a window (DDP's no_sync).
             self.model.set_requires_gradient_sync(last)
-        # the summed token loss from the last hidden states, chunk by chunk (no full logits)
+        # the summed token loss from the last hidden states, chunk by chunk (no full logits),
+        # with each scenario's share for the telemetry (mmscene.train.telemetry)
         summed = {"kernel": self.hparams.loss_kernel, "chunk_tokens": self.hparams.loss_chunk_tokens}
-        loss_sum, count = self.model(**_core_inputs(batch), labels=batch["labels"], summed_loss=summed)
+        summed.update(self._scenario_groups(batch))
+        loss_sum, count, *by_scenario = self.model(
+            **_core_inputs(batch), labels=batch["labels"], summed_loss=summed
+        )
+        if by_scenario and by_scenario[0] is not None:
+            self.scenario_loss = by_scenario[0] + (0 if self.scenario_loss is None else self.scenario_loss)
         done = torch.stack([loss_sum.detach(), count])
         self._window = done if self._window is None else self._window + done
         self._window_samples += [(m["key"], m["scenario"]) for m in batch["meta"]]
         n = batch["input_ids"].shape[0]
-        if batch.get("real_tokens") is not None:  # packed rows: count samples' tokens, not row padding
-            tokens = float(batch["real_tokens"])
-        elif batch.get("attention_mask") is not None:
-            tokens = float(batch["attention_mask"].sum())
-        else:
-            tokens = float(batch["input_ids"].numel())
-        self.log("train/tokens", tokens, reduce_fx="sum", batch_size=n)
+        # samples' tokens counted on the host by the collate (row padding excluded; no device sync)
+        tokens = batch.get("real_tokens", batch["input_ids"].numel())
+        self.log("train/tokens", float(tokens), reduce_fx="sum", batch_size=n)
         # Summed, not averaged: backward() divides the window's gradients by its token count.
         return loss_sum
+
+    def _scenario_groups(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Each position's scenario index (row padding: scenario 0, never labelled)."""
+        if self.scenario_names is None or batch.get("sample_index") is None:
+            return {}
+        index = {name: i for i, name in enumerate(self.scenario_names)}
+        of_sample = [index.get(m["scenario"], 0) for m in batch["meta"]] + [0]  # [-1]: padding
+        of_sample = torch.tensor(of_sample, dtype=torch.long).to(self.device, non_blocking=True)
+        return {"groups": of_sample[batch["sample_index"]], "num_groups": len(self.scenario_names)}
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        scenarios = getattr(datamodule, "scenarios", None)
+        self.scenario_names = sorted(scenarios) if scenarios else None
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Backward of a micro-batch's summed token loss; on the last micro-batch of an optimizer
@@ -305,8 +324,14 @@ class MMSceneModule(L.LightningModule):
 
     def configure_callbacks(self):
         from mmscene.train.callbacks import SkipReport, WritePredictions
+        from mmscene.train.telemetry import Telemetry
 
-        return [WritePredictions(), SkipReport()]
+        callbacks = [WritePredictions(), SkipReport()]
+        # Lightning lets these replace the trainer's callbacks of the same type: a Telemetry the
+        # config sets up (its options) is kept.
+        if not any(isinstance(c, Telemetry) for c in self.trainer.callbacks):
+            callbacks.append(Telemetry())
+        return callbacks
 
 
 def generate_answers(
@@ -357,48 +382,3 @@ def lr_schedule(optimizer, warmup: int, total: int | None, min_ratio: float):
     if not total or total <= warmup:
         return get_constant_schedule_with_warmup(optimizer, warmup)
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=min_ratio)
-
-
-def model_config(spec: dict[str, Any]) -> MultimodalConfig:
-    kinds = sorted(set(spec) & {"config", "pretrained", "components"})
-    if len(kinds) != 1:
-        raise ValueError(f"model: give exactly one of config / pretrained / components, got {sorted(spec)}")
-    if "config" in spec:
-        return MultimodalConfig(**spec["config"])
-    if "pretrained" in spec:
-        from mmscene.model.formats import read_config
-
-        return read_config(spec["pretrained"], **spec.get("overrides", {}))
-    from transformers import AutoConfig
-
-    from mmscene.model.config import hf_config_dict
-
-    comp = dict(spec["components"])
-    vision = AutoConfig.from_pretrained(str(comp["vision"]), trust_remote_code=False)
-    vision = getattr(vision, "vision_config", vision)
-    vision.num_hidden_layers -= int(comp.get("drop_vision_layers", 1))
-    text = AutoConfig.from_pretrained(str(comp["llm"]), trust_remote_code=False)
-    extra = {k: v for k, v in comp.items() if k not in ("vision", "llm", "drop_vision_layers")}
-    return MultimodalConfig(vision=hf_config_dict(vision), text=hf_config_dict(text), **extra)
-
-
-def build_model(
-    spec: dict[str, Any], config: MultimodalConfig, attn_implementation: str | None = None
-) -> MultimodalLM:
-    """The full model with its weights (random for ``config``, read for the others)."""
-    if "config" in spec:
-        return MultimodalLM(config, attn_implementation)
-    if "pretrained" in spec:
-        return load_pretrained(
-            spec["pretrained"], attn_implementation=attn_implementation, **spec.get("overrides", {})
-        )
-    comp = dict(spec["components"])
-    return compose(comp.pop("vision"), comp.pop("llm"), attn_implementation=attn_implementation, **comp)
-
-
-def skeleton(config: MultimodalConfig, attn_implementation: str | None = None) -> MultimodalLM:
-    """The model with parameters on the meta device (no weights read, none allocated)."""
-    from mmscene.model.formats import build_empty
-
-    with sharding.meta_parameters():
-        return build_empty(config, attn_implementation=attn_implementation)

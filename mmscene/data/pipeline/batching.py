@@ -134,10 +134,7 @@ def collate_rows(
     """One batch from a plan: packed rows, or one right-padded sample per row."""
     if pack:
         return packed_collate(samples, pad_id, rows=rows)
-    ordered = [samples[i] for row in rows for i in row]
-    batch = pad_collate(ordered, pad_id)
-    batch["real_tokens"] = sum(s["input_ids"].shape[0] for s in ordered)
-    return batch
+    return pad_collate([samples[i] for row in rows for i in row], pad_id)
 
 
 def row_collate(pad_id: int, pack: bool) -> Callable[[list[dict[str, Any]], list[list[int]]], dict[str, Any]]:

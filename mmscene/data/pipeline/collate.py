@@ -27,11 +27,13 @@ def pad_collate(samples: list[dict[str, Any]], pad_id: int, left: bool = False) 
     attention_mask = torch.zeros((n, longest), dtype=torch.long)
     has_labels = "labels" in samples[0]
     labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+    sample_index = torch.full((n, longest), -1, dtype=torch.long)
     for i, s in enumerate(samples):
         length = s["input_ids"].shape[0]
         cols = slice(longest - length, longest) if left else slice(0, length)
         input_ids[i, cols] = s["input_ids"]
         attention_mask[i, cols] = 1
+        sample_index[i, cols] = i
         if has_labels:
             labels[i, cols] = s["labels"]
     pixel_values, image_pooling = _cat_images(samples)
@@ -44,4 +46,12 @@ def pad_collate(samples: list[dict[str, Any]], pad_id: int, left: bool = False) 
     }
     if has_labels:
         batch["labels"] = labels
+        batch["sample_index"] = sample_index
+        batch.update(training_counts(samples, image_pooling))
     return batch
+
+
+def training_counts(samples: list[dict[str, Any]], image_pooling: torch.Tensor) -> dict[str, Any]:
+    """What the telemetry counts, on the host at collate time (no device syncs in the loop)."""
+    lengths = [s["input_ids"].shape[0] for s in samples]
+    return {"real_tokens": sum(lengths), "sample_lengths": lengths, "pooled_images": int(image_pooling.sum())}

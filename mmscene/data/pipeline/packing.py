@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mmscene.constants import IGNORE_INDEX
-from mmscene.data.pipeline.collate import META_KEYS, _cat_images
+from mmscene.data.pipeline.collate import META_KEYS, _cat_images, training_counts
 
 
 def first_fit(
@@ -57,6 +57,7 @@ def packed_collate(
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
+    sample_index = torch.full((n, width), -1, dtype=torch.long)  # row padding: -1
     ordered = []
     for r, row in enumerate(rows):
         col = 0
@@ -68,6 +69,7 @@ def packed_collate(
             lab[0] = IGNORE_INDEX
             labels[r, col : col + length] = lab
             position_ids[r, col : col + length] = torch.arange(length)
+            sample_index[r, col : col + length] = len(ordered)
             col += length
             ordered.append(s)
         # Row padding is one more "sample" of its own (positions restart), fully masked.
@@ -81,5 +83,6 @@ def packed_collate(
         "pixel_values": pixel_values,
         "image_pooling": image_pooling,
         "meta": [{k: s.get(k) for k in META_KEYS} for s in ordered],
-        "real_tokens": sum(s["input_ids"].shape[0] for s in ordered),
+        "sample_index": sample_index,
+        **training_counts(ordered, image_pooling),
     }
