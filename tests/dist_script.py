@@ -141,6 +141,9 @@ class Record(L.Callback):
             torch.save({k: v.clone() for k, v in state.items()}, self.out / "weights.pt")
             (telemetry,) = [c for c in trainer.callbacks if isinstance(c, Telemetry)]
             (self.out / "telemetry.json").write_text(json.dumps(telemetry.history))
+            from torch._dynamo.utils import counters
+
+            (self.out / "compiled.json").write_text(json.dumps(dict(counters["stats"])))
 
 
 def parse() -> argparse.Namespace:
@@ -157,6 +160,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--validate", action="store_true", help="validate (generate) after the last step")
     p.add_argument("--no-reshard-after-forward", action="store_true")
     p.add_argument("--freeze-vision", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--pretrained", default=None, help="start from this checkpoint directory")
     p.add_argument("--probe-loading", action="store_true", help="record how each rank built the model")
     p.add_argument("--checkpoint-every", type=int, default=None)
@@ -285,6 +290,8 @@ def main() -> None:
         warmup_steps=2,
         max_new_tokens=3,
         fsdp=fsdp,
+        compile=args.compile,
+        activation_checkpointing=args.checkpointing,
     )
     micro = GLOBAL_BATCH // (args.devices * args.accumulate)
     if args.mode == "fixed":

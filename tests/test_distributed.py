@@ -51,16 +51,22 @@ def single(tmp_path_factory, demo_data):
 
 
 @pytest.mark.parametrize(
-    "strategy,devices,accumulate",
-    [("single", 1, 2), ("ddp", 2, 2), ("fsdp2", 2, 2)],
-    ids=["1proc-2micro", "ddp-2x2", "fsdp2-2x2"],
+    "strategy,devices,accumulate,extra",
+    [
+        ("single", 1, 2, ()),
+        ("ddp", 2, 2, ()),
+        ("fsdp2", 2, 2, ()),
+        ("fsdp2", 2, 2, ("--compile", "--checkpointing")),
+    ],
+    ids=["1proc-2micro", "ddp-2x2", "fsdp2-2x2", "fsdp2-2x2-compiled-checkpointed"],
 )
 def test_step_is_the_mean_over_all_labelled_tokens(
-    tmp_path, demo_data, single, strategy, devices, accumulate
+    tmp_path, demo_data, single, strategy, devices, accumulate, extra
 ):
     """The same global batch as 1 micro-batch, as 2 micro-batches, and as 2 ranks x 2 micro-batches
-    with unequal labelled-token counts: same gradients, same logged loss, same weights."""
-    done = _run(tmp_path, strategy, devices, 4, demo_data, "--accumulate", str(accumulate))
+    with unequal labelled-token counts (also with compiled blocks and activation checkpointing):
+    same gradients, same logged loss, same weights."""
+    done = _run(tmp_path, strategy, devices, 4, demo_data, "--accumulate", str(accumulate), *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     ref, got = _steps(single), _steps(tmp_path)
     assert [sorted(s["keys"]) for s in got] == [sorted(s["keys"]) for s in ref]  # same global batches
@@ -73,6 +79,8 @@ def test_step_is_the_mean_over_all_labelled_tokens(
             b["loss"],
         )
     assert ref[-1]["loss"] < ref[0]["loss"]  # it trains
+    compiled = json.loads((tmp_path / "compiled.json").read_text()).get("unique_graphs", 0)
+    assert (compiled > 0) == ("--compile" in extra), compiled
     # the telemetry sees the same steps: gradient norm (of sharded gradients under FSDP2) and
     # per-scenario losses summed over ranks
     seen, expected = _telemetry(tmp_path), _telemetry(single)
@@ -181,8 +189,12 @@ def _unsharded_answers(out: Path, demo_data: Path, freeze_vision: bool) -> dict[
 
 @pytest.mark.parametrize(
     "devices,extra",
-    [(1, ("--freeze-vision",)), (2, ()), (2, ("--no-reshard-after-forward", "--freeze-vision"))],
-    ids=["1rank-frozen-tower", "2ranks", "2ranks-no-reshard-frozen-tower"],
+    [
+        (1, ("--freeze-vision",)),
+        (2, ()),
+        (2, ("--no-reshard-after-forward", "--freeze-vision", "--compile")),
+    ],
+    ids=["1rank-frozen-tower", "2ranks", "2ranks-no-reshard-frozen-tower-compiled"],
 )
 def test_fsdp2_fit_validates_like_the_unsharded_model(tmp_path, demo_data, devices, extra):
     """Generation under FSDP2 (the 7B recipe's validation) scores every task, and its answers are

@@ -60,6 +60,19 @@ class MultimodalLM(nn.Module):
             for block in list(layers)[len(layers) + layer + 1 :]:
                 block.requires_grad_(False)
 
+    def blocks(self) -> list[nn.Module]:
+        """The repeated layers of the tower and the LLM: the units of sharding and compiling."""
+        blocks = list(getattr(getattr(self.vision_tower, "encoder", None), "layers", []))
+        return blocks + list(self.language_model.model.layers)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` each block's ``forward`` (torchtitan's per-block compile, which
+        reuses one graph for all same-shaped layers). The forward method is compiled, not the
+        module wrapped, so parameter names, state dicts and FSDP2's hooks (around ``forward``)
+        stay as they are. Generation runs eagerly (see :meth:`_generate`)."""
+        for block in self.blocks():
+            block.forward = torch.compile(block.forward, **options)
+
     # ------------------------------------------------------------------ geometry
     @property
     def image_size(self) -> int:
@@ -249,9 +262,12 @@ class MultimodalLM(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
-        return self.language_model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
-        )
+        # Decoding changes shapes every step (and carries a cache): compiled blocks would
+        # recompile until dynamo gives up; generation stays eager.
+        with torch.compiler.set_stance("force_eager"):
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+            )
 
     def num_parameters(self) -> dict[str, int]:
         """Unique parameter counts per part (tied weights counted once)."""

@@ -24,6 +24,7 @@ from mmscene.train.ranks import concatenated
 log = logging.getLogger(__name__)
 
 _ATTR = {"vision": "vision_tower", "projector": "projector", "llm": "language_model"}
+_COMPILE_KEYS = {"mode", "dynamic", "fullgraph", "backend", "options"}
 
 
 class MMSceneModule(L.LightningModule):
@@ -49,6 +50,9 @@ class MMSceneModule(L.LightningModule):
             logits): ``auto`` (Liger-Kernel's fused linear cross-entropy on CUDA where installed,
             else ``chunked``), ``chunked``, ``liger`` or ``plain`` (see :mod:`mmscene.model.token_loss`).
         loss_chunk_tokens: labelled positions per chunk of the ``chunked`` kernel.
+        compile: ``torch.compile`` each tower and decoder block (true, or torch.compile's
+            options: ``{mode, dynamic, fullgraph, backend, options}``); works with FSDP2 and
+            activation checkpointing; generation stays eager.
         scoring: rules of the generated-answer scores: ``lmms-eval`` (default; LLaVA-Interleave
             Bench's option and ROUGE-L rules, numbers comparable with published ones) or
             ``mmscene`` (stricter option parser, rouge-score's ROUGE-L); see docs/evaluation.md.
@@ -74,6 +78,7 @@ class MMSceneModule(L.LightningModule):
         scoring: str = "lmms-eval",
         loss_kernel: str = "auto",
         loss_chunk_tokens: int = 512,
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -95,6 +100,10 @@ class MMSceneModule(L.LightningModule):
             raise ValueError(f"loss_kernel: {loss_kernel!r} is not one of {KERNELS}")
         if loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1, got {loss_chunk_tokens}")
+        if isinstance(compile, dict) and set(compile) - _COMPILE_KEYS:
+            raise ValueError(
+                f"compile: unknown keys {sorted(set(compile) - _COMPILE_KEYS)} (torch.compile takes {sorted(_COMPILE_KEYS)})"
+            )
         if scoring not in SCORINGS:
             raise ValueError(f"scoring: {scoring!r} is not one of {SCORINGS}")
         if nonfinite_loss not in ("stop", "skip"):
@@ -132,6 +141,8 @@ class MMSceneModule(L.LightningModule):
             model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
             if hasattr(model.vision_tower, "gradient_checkpointing_enable"):
                 model.vision_tower.gradient_checkpointing_enable({"use_reentrant": False})
+        if self.hparams.compile:
+            model.compile_blocks(**({} if self.hparams.compile is True else self.hparams.compile))
         return model
 
     def geometry(self, pad_to_square: bool = True):

@@ -119,8 +119,7 @@ def load_into_shards(model: torch.nn.Module, full_state: dict[str, torch.Tensor]
 
 
 def shard_units(model) -> list[torch.nn.Module]:
-    units = list(getattr(getattr(model.vision_tower, "encoder", None), "layers", []))
-    units += list(model.language_model.model.layers)
+    units = model.blocks()
     lm = model.language_model
     if not getattr(lm.config, "tie_word_embeddings", False):
         # Untied embeddings and LM head are large (1.2B parameters at 7B): give each its own
