@@ -6,6 +6,7 @@ What changes, and why, is spelled out in :func:`miniature`; everything else is t
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -109,5 +110,13 @@ def test_config_runs_in_miniature(path, tmp_path, demo_data, tiny_pretrained):
     scenarios = {s["scenario"] for s in cfg["data"]["val"]}
     for scenario in scenarios:
         assert any(k.startswith(f"{scenario}/") for k in results[0]["scores"]), results[0]["scores"]
+    # the telemetry of every step (log_every_n_steps: 1), beside the loss
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/tokens_per_s")]
+    assert [int(r["step"]) for r in rows] == list(range(STEPS))
+    for name in ("train/mfu_lm", "train/mfu_with_vit", "train/grad_norm", "train/padding_efficiency"):
+        assert all(float(r[name]) > 0 for r in rows), name
+    assert any(k.startswith("train/loss/") and v for r in rows for k, v in r.items())
     checkpoints = sorted(p.name for p in (tmp_path / "run").rglob("*.ckpt"))
     assert any("step=2" in name for name in checkpoints) and "last.ckpt" in checkpoints, checkpoints
