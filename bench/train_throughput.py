@@ -144,22 +144,26 @@ def plain_step(model, b):
 
 
 def mmscene_step(model, b):
-    return model(
+    """The training step's loss as MMSceneModule computes it: summed over labelled tokens by the
+    chunked fused kernel (no full logits), divided by their count."""
+    loss_sum, count = model(
         input_ids=b["input_ids"],
         pixel_values=b["pixel_values"],
         attention_mask=b.get("attention_mask"),
         labels=b["labels"],
         position_ids=b.get("position_ids"),
         image_pooling=b["image_pooling"],
-    ).loss
+        summed_loss={"kernel": "chunked", "chunk_tokens": 512},
+    )
+    return loss_sum / count
 
 
-def load(kind: str, path: str):
+def load(kind: str, path: str, attention: str = "sdpa"):
     if kind == "plain":
-        model = LlavaForConditionalGeneration.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attention)
         vision = model.model.vision_tower
     else:
-        model = load_pretrained(path)
+        model = load_pretrained(path, attn_implementation=attention)
         vision = model.vision_tower
     vision.requires_grad_(False)  # the paper's recipe: frozen tower (both sides)
     return model.train()
@@ -168,9 +172,18 @@ def load(kind: str, path: str):
 class Runner:
     """One mode: its own model (fresh from the checkpoint), optimizer and batches, stepped on demand."""
 
-    def __init__(self, name: str, kind: str, path: str, batches, lr: float):
-        self.name, self.batches = name, batches
-        self.model = load(kind, path)
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        path: str,
+        batches,
+        lr: float,
+        attention: str = "sdpa",
+        backward: bool = True,
+    ):
+        self.name, self.batches, self.backward = name, batches, backward
+        self.model = load(kind, path, attention)
         self.step_fn = plain_step if kind == "plain" else mmscene_step
         params = [p for p in self.model.parameters() if p.requires_grad]
         # fused: one kernel per step instead of ~10 per tensor, so the optimizer does not favour fewer steps
@@ -178,6 +191,9 @@ class Runner:
         self.done, self.wall, self.cpu, self.losses = 0, 0.0, 0.0, []
 
     def train(self, b) -> float:
+        if not self.backward:  # forward only
+            with torch.no_grad():
+                return float(self.step_fn(self.model, b))
         loss = self.step_fn(self.model, b)
         loss.backward()
         self.optimizer.step()
@@ -255,6 +271,9 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=14)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--attention", default="sdpa,flex", help="packed kernels to compare: sdpa (dense block mask), flex"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -284,17 +303,29 @@ def main() -> None:
             f"first-batch loss plain {plain_loss:.5f} = mmscene {ours_loss:.5f}",
             flush=True,
         )
+        shape = f"{args.max_tokens // args.row_tokens}x{args.row_tokens}"
         modes = [
-            ("plain padded", "plain", pad_batches),
-            ("mmscene padded", "mmscene", pad_batches),
-            (
-                f"mmscene packed {args.max_tokens // args.row_tokens}x{args.row_tokens}",
-                "mmscene",
-                pack_batches,
-            ),
+            ("plain padded", "plain", pad_batches, "sdpa"),
+            ("mmscene padded", "mmscene", pad_batches, "sdpa"),
+            (f"mmscene packed {shape} sdpa", "mmscene", pack_batches, "sdpa"),
         ]
-        runners = [Runner(name, kind, tmp, batches, args.lr) for name, kind, batches in modes]
+        runners = [Runner(name, kind, tmp, batches, args.lr, attn) for name, kind, batches, attn in modes]
         rows = run_interleaved(runners, args.warmup)
+        forward_rows = []
+        if "flex" in args.attention:
+            # torch's flex attention has no CPU backward (NotImplementedError): on CPU the kernels
+            # are compared on the forward, which both run; training steps with flex need a GPU
+            # (bench/gpu_fsdp2_step.py).
+            passes = [
+                ("forward: mmscene padded", pad_batches, "sdpa"),
+                (f"forward: packed {shape} sdpa", pack_batches, "sdpa"),
+                (f"forward: packed {shape} flex", pack_batches, "flex_attention"),
+            ]
+            runners = [
+                Runner(name, "mmscene", tmp, batches, args.lr, attn, backward=False)
+                for name, batches, attn in passes
+            ]
+            forward_rows = run_interleaved(runners, args.warmup)
     plain, ours, pack = rows
     print(
         f"{'mode':<26} {'steps':>5} {'wall s':>7} {'tokens/s':>9} {'CPU s':>7} {'tok/CPU-s':>9} {'pad eff':>8} "
@@ -310,12 +341,29 @@ def main() -> None:
     overhead = plain["tokens_per_s"] / ours["tokens_per_s"] - 1
     print(
         f"summary: mmscene packed {speedup:.2f}x plain padded (target >= 1.3x {'met' if speedup >= 1.3 else 'NOT met'}); "
-        f"mmscene padded vs plain padded {overhead:+.1%} time (target within 5% "
-        f"{'met' if abs(overhead) <= 0.05 else 'NOT met'}); CPU, {args.threads} threads"
+        f"mmscene padded vs plain padded {overhead:+.1%} time (target at most +5% "
+        f"{'met' if overhead <= 0.05 else 'NOT met'}); CPU, {args.threads} threads"
     )
+    if forward_rows:
+        padded_fw, sdpa_fw, flex_fw = forward_rows
+        for r in forward_rows:
+            print(
+                f"{r['mode']:<26} {r['steps']:>5} {r['seconds']:>7.1f} {r['tokens_per_s']:>9.0f} {r['cpu_seconds']:>7.1f} "
+                f"{r['tokens_per_cpu_s']:>9.0f} {r['padding_efficiency']:>8.3f} "
+                f"{r['tokens_per_s'] / padded_fw['tokens_per_s']:>7.2f}x"
+            )
+        print(
+            f"summary (forward): packed flex attention (block-causal document mask, blocks between samples "
+            f"skipped) {flex_fw['tokens_per_s'] / sdpa_fw['tokens_per_s']:.2f}x packed SDPA with its dense block "
+            f"mask, {flex_fw['tokens_per_s'] / padded_fw['tokens_per_s']:.2f}x padded (wall; "
+            f"{flex_fw['tokens_per_cpu_s'] / sdpa_fw['tokens_per_cpu_s']:.2f}x / "
+            f"{flex_fw['tokens_per_cpu_s'] / padded_fw['tokens_per_cpu_s']:.2f}x in CPU time)"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump(
+                {"args": vars(args), "torch": torch.__version__, "rows": rows + forward_rows}, f, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -124,3 +124,26 @@ def test_flash_attention_refused_without_flash_attn():
     assert attention.resolve(None) == "sdpa"
     assert attention.needs_single_row("flash_attention_2") and attention.needs_single_row("flex_attention")
     assert not attention.needs_single_row("sdpa") and not attention.needs_single_row("eager")
+
+
+def test_flex_attention_training_on_cpu_is_refused_before_the_first_step(tmp_path, demo_data):
+    """torch's flex attention has no CPU backward: a fit says so up front instead of failing in
+    the first backward (and trains where a later torch has one)."""
+    from train_helpers import tiny_config, write_config
+
+    from mmscene.train.cli import lightning_main
+
+    cfg = tiny_config(demo_data, tmp_path / "run", max_steps=1)
+    cfg["model"]["attn_implementation"] = "flex_attention"
+    args = ["fit", "--config", str(write_config(cfg, tmp_path / "c.yaml"))]
+    q = torch.zeros(1, 1, 16, 8, requires_grad=True)
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex_attention(q, q, q).sum().backward()
+    except NotImplementedError:
+        with pytest.raises(ValueError, match="flex_attention cannot train on CPU"):
+            lightning_main(args)
+        assert not list((tmp_path / "run").rglob("*.ckpt"))
+    else:
+        lightning_main(args)

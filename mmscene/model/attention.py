@@ -45,3 +45,20 @@ def needs_single_row(implementation: str | None) -> bool:
 
 def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_trainable(name: str, device: torch.device) -> None:
+    """Refuse, before the first step, an implementation this device cannot train with: torch's
+    flex attention has no CPU backward (torch 2.13 raises NotImplementedError mid-step)."""
+    if name != "flex_attention" or device.type != "cpu":
+        return
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q = torch.zeros(1, 1, 16, 8, requires_grad=True)
+    try:
+        flex_attention(q, q, q).sum().backward()
+    except NotImplementedError as err:
+        raise ValueError(
+            f"model.attn_implementation: flex_attention cannot train on CPU with torch {torch.__version__} "
+            f"({err}); use sdpa on CPU (packed rows stay exact with it) and flex_attention on a GPU"
+        ) from None

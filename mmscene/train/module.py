@@ -190,6 +190,7 @@ class MMSceneModule(L.LightningModule):
         return {"groups": of_sample[batch["sample_index"]], "num_groups": len(self.scenario_names)}
 
     def on_fit_start(self) -> None:
+        attention.check_trainable(self.attn_implementation, self.device)
         datamodule = getattr(self.trainer, "datamodule", None)
         scenarios = getattr(datamodule, "scenarios", None)
         self.scenario_names = sorted(scenarios) if scenarios else None
