@@ -137,8 +137,13 @@ def decode_video(
         raise SkipSample("empty_media", "empty video bytes")
     import decord  # imported here: only video plugins pay its start-up
 
+    def open_reader(width: int = -1, height: int = -1):
+        return decord.VideoReader(
+            io.BytesIO(data), ctx=decord.cpu(0), width=width, height=height, num_threads=1
+        )
+
     try:
-        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+        reader = open_reader()
         total = len(reader)
         if fps is not None:
             indices = fps_indices(total, float(reader.get_avg_fps()), fps, max_frames)
@@ -153,8 +158,13 @@ def decode_video(
         batch = None
         scaled = _scaled(width, height, max_side)
         if scaled is not None and len(indices) * scaled[0] * scaled[1] <= MAX_VIDEO_PIXELS:
-            batch = _scaled_batch(decord, data, indices, *scaled)
+            # decord scales only when opened with the output size. The full-size reader goes first:
+            # after next() its decoder thread runs ahead, burning a core beside the scaled one.
+            del reader
+            reader, batch = _scaled_batch(open_reader, indices, *scaled)
         if batch is None:
+            if reader is None:  # the scaled decode failed: the full-size one decides
+                reader = open_reader()
             if len(indices) * height * width > MAX_VIDEO_PIXELS:
                 raise SkipSample(
                     "bomb", f"{len(indices)} frames of {width}x{height} (limit {MAX_VIDEO_PIXELS})"
@@ -172,19 +182,18 @@ def decode_video(
     return [Image.fromarray(frame) for frame in batch], times
 
 
-def _scaled_batch(decord: Any, data: bytes, indices: list[int], width: int, height: int) -> np.ndarray | None:
-    """The frames decoded at ``width x height``, or None where decord fails to: it garbles a few
-    sizes (48x27 of a 16:9 clip), and on a broken stream the full-size decode then reports the
-    same error as without scaling."""
+def _scaled_batch(open_reader, indices: list[int], width: int, height: int) -> tuple[Any, np.ndarray | None]:
+    """A reader and the frames decoded at ``width x height``, or ``(None, None)`` where decord
+    fails to: it garbles a few sizes (48x27 of a 16:9 clip), and on a broken stream the
+    full-size decode then reports the same error as without scaling."""
     try:
-        # decord scales only when opened with the output size, which needs the stream's size first
-        reader = decord.VideoReader(
-            io.BytesIO(data), ctx=decord.cpu(0), width=width, height=height, num_threads=1
-        )
+        reader = open_reader(width, height)
         batch = reader.get_batch(indices).asnumpy()
     except Exception:  # noqa: BLE001 - whatever went wrong, the full-size path decides
-        return None
-    return batch if batch.shape == (len(indices), height, width, 3) else None
+        return None, None
+    if batch.shape != (len(indices), height, width, 3):
+        return None, None
+    return reader, batch
 
 
 def _scaled(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
