@@ -70,4 +70,3 @@ class FlopCounts:
         attention = self.vit_attention * images * self.patches_per_image**2
         vit = passes * (2 * self.vit_dense * patches + attention)
         return self.lm(sample_lengths) + vit + 6 * self.projector * image_positions
-
