@@ -122,10 +122,10 @@ def test_fit_logs_the_telemetry(tmp_path, demo_data):
     record = tmp_path / "batches.jsonl"
     cfg = tiny_config(demo_data, tmp_path / "run", max_steps=4, log_every_n_steps=2)
     cfg["data"]["batching"] = {"mode": "tokens", "max_tokens": 1024, "row_tokens": 512}
-    cfg["trainer"]["callbacks"] += [
-        {"class_path": "mmscene.train.telemetry.Telemetry", "init_args": {"peak_flops": 1.0e9}},
-        {"class_path": "train_helpers.RecordBatches", "init_args": {"path": str(record)}},
-    ]
+    callbacks = cfg["trainer"]["callbacks"]
+    (telemetry,) = [c for c in callbacks if c["class_path"] == "mmscene.train.telemetry.Telemetry"]
+    telemetry["init_args"] = {"peak_flops": 1.0e9}  # the config's own Telemetry, with its options
+    callbacks.append({"class_path": "train_helpers.RecordBatches", "init_args": {"path": str(record)}})
     lightning_main(["fit", "--config", str(write_config(cfg, tmp_path / "c.yaml"))])
     (csv_path,) = (tmp_path / "run" / "logs").glob("*/metrics.csv")
     with open(csv_path) as f:

@@ -95,9 +95,13 @@ class MultimodalLM(nn.Module):
 
     # ------------------------------------------------------------------ features
     def encode_images(
-        self, pixel_values: torch.Tensor, image_pooling: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        image_pooling: torch.Tensor | None = None,
+        pooling_flags: list[bool] | None = None,
     ) -> torch.Tensor:
-        """Projected features of each image, flattened to ``[total_positions, hidden]`` in order."""
+        """Projected features of each image, flattened to ``[total_positions, hidden]`` in order.
+        ``pooling_flags``: ``image_pooling`` as a host list (read without a device sync)."""
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must be [num_images, channels, H, W], got shape {tuple(pixel_values.shape)}"
@@ -115,9 +119,11 @@ class MultimodalLM(nn.Module):
         if self.config.vision_feature_select == "default":
             feats = feats[:, 1:]
         feats = self.projector(feats)
-        if image_pooling is None or not bool(image_pooling.any()) or self.config.frame_pool_stride == 1:
+        if pooling_flags is None:
+            pooling_flags = [] if image_pooling is None else image_pooling.tolist()
+        if not any(pooling_flags) or self.config.frame_pool_stride == 1:
             return feats.reshape(-1, feats.shape[-1])
-        return torch.cat([self._pool(f) if p else f for f, p in zip(feats, image_pooling.tolist())], dim=0)
+        return torch.cat([self._pool(f) if p else f for f, p in zip(feats, pooling_flags)], dim=0)
 
     def _pool(self, feats: torch.Tensor) -> torch.Tensor:
         grid, stride = self.patch_grid, self.config.frame_pool_stride
@@ -134,14 +140,21 @@ class MultimodalLM(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_pooling: torch.Tensor | None = None,
+        host: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """LLM input embeddings with image features scattered into the image positions."""
+        """LLM input embeddings with image features scattered into the image positions.
+
+        ``host``: what the collate counted on the host (``image_positions``,
+        ``image_pooling_flags``), so that no count is read back from the device."""
+        host = host or {}
         image_mask = input_ids == self.config.image_token_id
         embed_tokens = self.language_model.get_input_embeddings()
         # The image id may lie outside the vocabulary (original checkpoints use none): embed a
         # harmless id there, it is overwritten below.
         embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))
-        n_positions = int(image_mask.sum())
+        n_positions = host.get("image_positions")
+        if n_positions is None:
+            n_positions = int(image_mask.sum())
         n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
         if n_images == 0:
             if n_positions:
@@ -149,7 +162,7 @@ class MultimodalLM(nn.Module):
                     f"input_ids hold {n_positions} image positions but no pixel_values were given"
                 )
             return embeds
-        feats = self.encode_images(pixel_values, image_pooling)
+        feats = self.encode_images(pixel_values, image_pooling, host.get("image_pooling_flags"))
         if feats.shape[0] != n_positions:
             per_sample = image_mask.sum(dim=1).tolist()
             raise ValueError(
@@ -170,6 +183,7 @@ class MultimodalLM(nn.Module):
         image_pooling: torch.Tensor | None = None,
         generate_kwargs: dict[str, Any] | None = None,
         summed_loss: dict[str, Any] | None = None,
+        host: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (and the mean token loss when ``labels`` are given); with ``generate_kwargs``,
@@ -199,7 +213,7 @@ class MultimodalLM(nn.Module):
             labels = labels.reshape(1, -1) if labels is not None else None
             if summed_loss is not None and summed_loss.get("groups") is not None:
                 summed_loss = {**summed_loss, "groups": summed_loss["groups"].reshape(1, -1)}
-        inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_pooling, host)
         if labels is not None:
             labels = self.loss_labels(labels, input_ids)
         if summed_loss is not None:

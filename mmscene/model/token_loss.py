@@ -56,19 +56,28 @@ def summed_token_loss(
     chunk_tokens: int = 512,
     groups: torch.Tensor | None = None,
     num_groups: int = 0,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Summed next-token cross-entropy (fp32) of ``head(hidden)`` against ``labels`` (``[B, T]``,
     ``IGNORE_INDEX`` where unlabelled), and the number of labelled tokens.
 
     With ``groups`` (``[B, T]``, a group id in ``[0, num_groups)`` per position, e.g. the
     sample's scenario), also ``[num_groups, 2]``: each group's detached loss sum and token count
-    (None under ``liger``, whose kernel gives no per-token losses)."""
+    (None under ``liger``, whose kernel gives no per-token losses).
+
+    ``positions`` (1-D, flat positions of ``[B * T]`` whose next token is labelled, as the collate
+    computes them on the host) replaces the boolean gather, which would make the host wait for
+    the device to count the labelled tokens."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    count = keep.sum()
-    h, y = hidden[:, :-1][keep], targets[keep]
+    if positions is None:
+        keep = labels[:, 1:] != IGNORE_INDEX
+        positions = (keep.nonzero() * torch.tensor([labels.shape[1], 1], device=keep.device)).sum(1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    y = labels.reshape(-1).index_select(0, positions + 1)
+    # the host's positions must agree with the labels the core masked (asynchronous on a GPU)
+    torch._assert_async((y != IGNORE_INDEX).all(), "loss positions point at unlabelled tokens")
+    count = torch.full((), positions.numel(), dtype=torch.float32, device=hidden.device)
     kernel = resolve_kernel(kernel, hidden.device)
     if h.shape[0] == 0 and kernel == "liger":
         # nothing labelled: the chunked kernel's zero still reaches the head (zero gradients)
@@ -82,11 +91,11 @@ def summed_token_loss(
         else head_loss(head, h, y, kernel, chunk_tokens)
     )
     if groups is None:
-        return loss, count.float()
+        return loss, count
     if per_token is None:
-        return loss, count.float(), None
+        return loss, count, None
     by_group = torch.zeros(num_groups, 2, dtype=torch.float32, device=hidden.device)
-    which = groups[:, 1:][keep]
+    which = groups.reshape(-1).index_select(0, positions + 1)
     by_group[:, 0].index_add_(0, which, per_token.detach().float())
     by_group[:, 1].index_add_(0, which, torch.ones_like(per_token, dtype=torch.float32))
     return loss, count.float(), by_group

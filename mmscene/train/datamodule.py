@@ -239,7 +239,8 @@ class MMSceneDataModule(L.LightningDataModule):
         )
 
     def _on_gpu(self) -> bool:
-        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        return getattr(device, "type", None) == "cuda"
 
     def _eval_loader(self, stage: str) -> DataLoader | list:
         # Lightning warns that an IterableDataset's length may be wrong with several workers;

@@ -154,7 +154,7 @@ class MMSceneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, Any]):
-        return self.model(**_core_inputs(batch), labels=batch.get("labels"))
+        return self.model(**core_inputs(batch), labels=batch.get("labels"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         last = not self.trainer.fit_loop._should_accumulate()  # Lightning's own accumulation test
@@ -165,8 +165,10 @@ class MMSceneModule(L.LightningModule):
         # with each scenario's share for the telemetry (mmscene.train.telemetry)
         summed = {"kernel": self.hparams.loss_kernel, "chunk_tokens": self.hparams.loss_chunk_tokens}
         summed.update(self._scenario_groups(batch))
+        if batch.get("label_positions") is not None:  # the collate's host-side gather index
+            summed["positions"] = batch["label_positions"]
         loss_sum, count, *by_scenario = self.model(
-            **_core_inputs(batch), labels=batch["labels"], summed_loss=summed
+            **core_inputs(batch), labels=batch["labels"], summed_loss=summed
         )
         if by_scenario and by_scenario[0] is not None:
             self.scenario_loss = by_scenario[0] + (0 if self.scenario_loss is None else self.scenario_loss)
@@ -373,13 +375,15 @@ def generate_answers(
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def _core_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+def core_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The core's inputs from a collated batch (host-side counts included)."""
     return {
         "input_ids": batch["input_ids"],
         "pixel_values": batch["pixel_values"],
         "attention_mask": batch.get("attention_mask"),
         "position_ids": batch.get("position_ids"),
         "image_pooling": batch.get("image_pooling"),
+        "host": {k: batch[k] for k in ("image_positions", "image_pooling_flags") if batch.get(k) is not None},
     }
 
 

@@ -47,11 +47,31 @@ def pad_collate(samples: list[dict[str, Any]], pad_id: int, left: bool = False) 
     if has_labels:
         batch["labels"] = labels
         batch["sample_index"] = sample_index
-        batch.update(training_counts(samples, image_pooling))
+        batch.update(training_counts(samples, image_pooling, labels))
     return batch
 
 
-def training_counts(samples: list[dict[str, Any]], image_pooling: torch.Tensor) -> dict[str, Any]:
-    """What the telemetry counts, on the host at collate time (no device syncs in the loop)."""
+def training_counts(
+    samples: list[dict[str, Any]], image_pooling: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any]:
+    """What the training step and the telemetry would otherwise read back from the device,
+    computed on the host at collate time, so the loop has no device syncs of its own:
+
+    * ``label_positions``: flat positions (of ``[rows * width]``) whose next token is labelled,
+      the positions the loss reads (a row's last position never: it predicts no token of its row);
+    * ``image_positions``: the ``<image>`` positions of the batch (when the encoder counted them);
+    * ``image_pooling_flags``: which images are pooled video frames, as a list;
+    * ``real_tokens``, ``sample_lengths``, ``pooled_images``: the telemetry's counts.
+    """
     lengths = [s["input_ids"].shape[0] for s in samples]
-    return {"real_tokens": sum(lengths), "sample_lengths": lengths, "pooled_images": int(image_pooling.sum())}
+    nxt = torch.full_like(labels, IGNORE_INDEX)
+    nxt[:, :-1] = labels[:, 1:]
+    counted = all("image_positions" in s for s in samples)
+    return {
+        "label_positions": (nxt.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1),
+        "image_positions": sum(s["image_positions"] for s in samples) if counted else None,
+        "image_pooling_flags": image_pooling.tolist(),
+        "real_tokens": sum(lengths),
+        "sample_lengths": lengths,
+        "pooled_images": int(image_pooling.sum()),
+    }

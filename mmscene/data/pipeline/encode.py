@@ -230,4 +230,5 @@ class PromptEncoder:
         out = self._pixels(prompt, n_images)
         out["input_ids"] = torch.tensor(ids, dtype=torch.long)
         out["labels"] = torch.tensor(labels, dtype=torch.long)
+        out["image_positions"] = ids.count(self.geometry.image_token_id)  # host count for the core
         return out

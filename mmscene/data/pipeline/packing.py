@@ -84,5 +84,5 @@ def packed_collate(
         "image_pooling": image_pooling,
         "meta": [{k: s.get(k) for k in META_KEYS} for s in ordered],
         "sample_index": sample_index,
-        **training_counts(ordered, image_pooling),
+        **training_counts(ordered, image_pooling, labels),
     }
