@@ -65,3 +65,23 @@ def interleaved_input(tokens_per_image: int = 4, n_images: int = 2, seed: int = 
     input_ids = torch.cat(pieces).unsqueeze(0)
     pixel_values = torch.randn(n_images, 3, 28, 28, generator=g)
     return input_ids, pixel_values
+
+
+def encoded_sample(n_text: int, seed: int, n_images: int = 0, scenario: str = "x") -> dict:
+    """An encoded training sample: ``n_images`` images (4 positions each) in front of ``n_text``
+    random tokens, the last ``n_text - 2`` of them labelled (what the prompt encoder gives)."""
+    from mmscene.constants import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.full((n_images * 4,), IMAGE_TOKEN), torch.randint(0, 400, (n_text,), generator=g)])
+    labels = ids.clone()
+    labels[: n_images * 4 + 2] = IGNORE_INDEX
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "pixel_values": torch.randn(n_images, 3, 28, 28, generator=g),
+        "image_pooling": torch.zeros(n_images, dtype=torch.bool),
+        "image_positions": n_images * 4,
+        "key": str(seed),
+        "scenario": scenario,
+    }

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import IMAGE_TOKEN, tiny_llava
+from helpers import encoded_sample, tiny_llava
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmscene.constants import IGNORE_INDEX
 from mmscene.data.pipeline.collate import pad_collate
 from mmscene.data.pipeline.packing import packed_collate
 from mmscene.model import load_pretrained
@@ -43,27 +42,16 @@ class DeviceReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _sample(n_text, seed, n_images=0, pooled=False):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.full((n_images * 4,), IMAGE_TOKEN), torch.randint(0, 400, (n_text,), generator=g)])
-    labels = ids.clone()
-    labels[: n_images * 4 + 2] = IGNORE_INDEX
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "pixel_values": torch.randn(n_images, 3, 28, 28, generator=g),
-        "image_pooling": torch.full((n_images,), pooled, dtype=torch.bool),
-        "image_positions": n_images * 4,
-        "key": str(seed),
-        "scenario": "x",
-    }
-
-
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_training_step_has_no_device_reads_of_its_own(tmp_path, layout):
     tiny_llava().save_pretrained(tmp_path / "hf")
     model = load_pretrained(tmp_path / "hf")
-    samples = [_sample(9, 1), _sample(6, 2, n_images=1), _sample(12, 3), _sample(5, 4, n_images=2)]
+    samples = [
+        encoded_sample(9, 1),
+        encoded_sample(6, 2, n_images=1),
+        encoded_sample(12, 3),
+        encoded_sample(5, 4, n_images=2),
+    ]
     batch = (
         packed_collate(samples, 0, rows=[[0, 1], [2, 3]]) if layout == "packed" else pad_collate(samples, 0)
     )
@@ -92,7 +80,7 @@ def test_the_detector_sees_a_device_read(tmp_path):
     """Without the host's counts the core counts image positions on the device: seen."""
     tiny_llava().save_pretrained(tmp_path / "hf")
     model = load_pretrained(tmp_path / "hf")
-    batch = pad_collate([_sample(6, 2, n_images=1)], 0)
+    batch = pad_collate([encoded_sample(6, 2, n_images=1)], 0)
     with DeviceReads() as reads, torch.no_grad():
         model(
             **{**core_inputs(batch), "host": None}, labels=batch["labels"], summed_loss={"kernel": "chunked"}

@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
-from helpers import IMAGE_TOKEN, tiny_llava
+from helpers import encoded_sample, tiny_llava
 from torch.utils.flop_counter import FlopCounterMode
 from train_helpers import tiny_config
 
-from mmscene.constants import IGNORE_INDEX
 from mmscene.data.pipeline.packing import packed_collate
 from mmscene.model import load_pretrained
 from mmscene.model.flops import FlopCounts
@@ -63,29 +62,14 @@ def test_tower_count_equals_the_traced_forward_of_a_frozen_tower(model):
     assert 3 * projector == counts.with_vit([5], 0, 7) - counts.lm([5])  # 6N per position
 
 
-def _sample(n_text, scenario, seed, n_images=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.cat([torch.full((n_images * 4,), IMAGE_TOKEN), torch.randint(0, 400, (n_text,), generator=g)])
-    labels = ids.clone()
-    labels[: n_images * 4 + 2] = IGNORE_INDEX
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "pixel_values": torch.randn(n_images, 3, 28, 28, generator=g),
-        "image_pooling": torch.zeros(n_images, dtype=torch.bool),
-        "key": str(seed),
-        "scenario": scenario,
-    }
-
-
 @pytest.mark.parametrize("kernel", ["chunked", "plain"])
 def test_per_scenario_loss_sums_equal_the_samples_alone(model, kernel):
     scenarios = ["3d", "single_image", "video"]
     samples = [
-        _sample(9, "video", 1),
-        _sample(6, "3d", 2, n_images=1),
-        _sample(12, "video", 3),
-        _sample(5, "single_image", 4, n_images=2),
+        encoded_sample(9, 1, scenario="video"),
+        encoded_sample(6, 2, n_images=1, scenario="3d"),
+        encoded_sample(12, 3, scenario="video"),
+        encoded_sample(5, 4, n_images=2, scenario="single_image"),
     ]
     batch = packed_collate(samples, pad_id=0, rows=[[0, 1], [2, 3]])
     of_sample = torch.tensor([scenarios.index(m["scenario"]) for m in batch["meta"]] + [0])
