@@ -15,7 +15,7 @@ demo: install
 	$(PY) -m mmscene.demo
 
 install-harness: install
-	$(PY) -m pip install -q -e '.[test,harness]'
+	$(PY) -m pip install -q -e '.[test,harness,lora]'
 	$(PY) -m pip install -q --no-deps "$(LMMS_EVAL_SPEC)"
 
 test: install-harness

@@ -26,6 +26,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="hf only: export a model trained with model.config.frame_pool_stride > 1 without its video "
         "frame pooling (transformers Llava has none); refused otherwise",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA checkpoints: fold the adapters into the weights (a plain model transformers loads); "
+        "without it the LLM's adapters are also written for peft (OUT/llm_adapter)",
+    )
 
 
 def export_main(args: argparse.Namespace, fmt: str) -> int:
@@ -36,6 +42,13 @@ def export_main(args: argparse.Namespace, fmt: str) -> int:
 
     module, ckpt = load_module_from_checkpoint(args.checkpoint)
     model = module.model
+    if module.lora is not None:
+        from mmscene.model import lora
+
+        if not args.merge:
+            adapter = lora.save_llm_adapter(model, module.lora, f"{args.out}/llm_adapter")
+            print(f"wrote the LLM's LoRA adapter for peft to {adapter}")
+        lora.merge_adapters(model)  # the model directory is the merged model either way
     if args.dtype:
         model = model.to(getattr(torch, args.dtype))
     data = ckpt.get("datamodule_hyper_parameters") or {}

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +52,21 @@ def fake_slurm(tmp_path, monkeypatch):
     for key in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"):
         monkeypatch.setenv(key, "0")
     return calls
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, demo_data) -> Path:
+    """A tiny transformers-Llava checkpoint standing in for ``llava-hf/llava-interleave-qwen-*``
+    (the configs continue from one; the hub is out of reach here)."""
+    from train_helpers import tiny_config
+
+    from mmscene.model import save_pretrained
+    from mmscene.train.module import MMSceneModule
+
+    cfg = tiny_config(demo_data, tmp_path_factory.mktemp("unused"))
+    cfg["model"]["model"]["config"]["text"]["tie_word_embeddings"] = False
+    module = MMSceneModule(model=cfg["model"]["model"])
+    module.configure_model()
+    out = tmp_path_factory.mktemp("llava-hf")
+    save_pretrained(module.model, out, format="llava-hf")
+    return out

@@ -162,6 +162,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--freeze-vision", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile every block")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters on the LLM (peft)")
     p.add_argument("--pretrained", default=None, help="start from this checkpoint directory")
     p.add_argument("--probe-loading", action="store_true", help="record how each rank built the model")
     p.add_argument("--checkpoint-every", type=int, default=None)
@@ -292,6 +293,7 @@ def main() -> None:
         fsdp=fsdp,
         compile=args.compile,
         activation_checkpointing=args.checkpointing,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0} if args.lora else None,  # no dropout: ranks agree
     )
     micro = GLOBAL_BATCH // (args.devices * args.accumulate)
     if args.mode == "fixed":

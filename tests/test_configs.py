@@ -16,28 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmscene.model import save_pretrained
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def tiny_pretrained(tmp_path_factory, demo_data) -> Path:
-    """A tiny transformers-Llava checkpoint standing in for ``llava-hf/llava-interleave-qwen-*``
-    (the configs continue from one; the hub is out of reach here)."""
-    from train_helpers import tiny_config
-
-    from mmscene.train.module import MMSceneModule
-
-    cfg = tiny_config(demo_data, tmp_path_factory.mktemp("unused"))
-    cfg["model"]["model"]["config"]["text"]["tie_word_embeddings"] = False
-    module = MMSceneModule(model=cfg["model"]["model"])
-    module.configure_model()
-    out = tmp_path_factory.mktemp("llava-hf")
-    save_pretrained(module.model, out, format="llava-hf")
-    return out
 
 
 def _shrink(model_spec: dict, demo_data: Path, pretrained: Path) -> dict:

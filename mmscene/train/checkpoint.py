@@ -62,11 +62,18 @@ def load_module_from_checkpoint(path: str | Path):
     }  # drop CLI bookkeeping
     hparams.pop("attn_implementation", None)  # a kernel choice of the training machine, not of the weights
     module = MMSceneModule(**hparams)
-    # The checkpoint holds every weight: build on meta and take its tensors (no init, no copy,
-    # no pretrained weights read again).
-    module.model = skeleton(module.model_config, module.attn_implementation)
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = module.model.load_state_dict(state, strict=False, assign=True)
+    if module.strict_loading:
+        # The checkpoint holds every weight: build on meta and take its tensors (no init, no
+        # copy, no pretrained weights read again).
+        module.model = module._adapt(skeleton(module.model_config, module.attn_implementation))
+        missing, unexpected = module.model.load_state_dict(state, strict=False, assign=True)
+    else:
+        # LoRA over a pretrained base: the base from `model`, the trained weights from here.
+        module.configure_model()
+        missing, unexpected = module.model.load_state_dict(state, strict=False)
+        trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+        missing = [k for k in missing if k in trained]
     tied = getattr(module.model_config.text_config, "tie_word_embeddings", False)
     if tied:
         module.model.language_model.tie_weights()

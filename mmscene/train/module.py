@@ -13,6 +13,7 @@ import torch
 from mmscene.constants import MODEL_PARTS
 from mmscene.metrics import SCORINGS
 from mmscene.model import attention
+from mmscene.model import lora as lora_adapters
 from mmscene.model.core import MultimodalLM
 from mmscene.model.token_loss import KERNELS
 from mmscene.train import sharding
@@ -50,6 +51,10 @@ class MMSceneModule(L.LightningModule):
             logits): ``auto`` (Liger-Kernel's fused linear cross-entropy on CUDA where installed,
             else ``chunked``), ``chunked``, ``liger`` or ``plain`` (see :mod:`mmscene.model.token_loss`).
         loss_chunk_tokens: labelled positions per chunk of the ``chunked`` kernel.
+        lora: LoRA adapters through peft instead of full fine-tuning of the LLM: ``{r, alpha,
+            dropout, target_modules, tower, tower_target_modules}`` (see :mod:`mmscene.model.lora`);
+            the adapted parts train only their adapters, the projector trains as ``freeze`` says,
+            and checkpoints hold only what trains.
         compile: ``torch.compile`` each tower and decoder block (true, or torch.compile's
             options: ``{mode, dynamic, fullgraph, backend, options}``); works with FSDP2 and
             activation checkpointing; generation stays eager.
@@ -79,6 +84,7 @@ class MMSceneModule(L.LightningModule):
         loss_kernel: str = "auto",
         loss_chunk_tokens: int = 512,
         compile: bool | dict[str, Any] = False,
+        lora: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -92,6 +98,9 @@ class MMSceneModule(L.LightningModule):
         if unknown:
             raise ValueError(f"lr: unknown parts {unknown}; choose from {MODEL_PARTS}")
         self.model_config = model_config(self.spec)
+        self.lora = lora_adapters.check(lora)
+        # a LoRA checkpoint holds only what trains; the base weights come from ``model`` again
+        self.strict_loading = self.lora is None or "config" in self.spec
         self.attn_implementation = attention.resolve(attn_implementation)
         self.model: MultimodalLM | None = None
         self.tokenizer = None  # set by the data module
@@ -122,20 +131,33 @@ class MMSceneModule(L.LightningModule):
         if not sharding.is_model_parallel(self):
             self.model = self._prepare(build_model(self.spec, self.model_config, self.attn_implementation))
             return
-        # Sharded: only rank 0 builds the full model; every rank shards a meta skeleton.
+        # Sharded: only rank 0 builds the full model; every rank shards a meta skeleton (adapters,
+        # when LoRA is on, injected into both before fully_shard, as peft + FSDP2 need).
         cfg = self.hparams.fsdp or {}
         self.model = sharding.build_sharded(
             self.global_rank,
-            lambda: build_model(self.spec, self.model_config, self.attn_implementation),
+            lambda: self._adapt(build_model(self.spec, self.model_config, self.attn_implementation)),
             lambda: self._prepare(skeleton(self.model_config, self.attn_implementation)),
             sharding.mesh_of(self, cfg),
             cfg,
             self.device,
         )
 
+    def _adapt(self, model: MultimodalLM) -> MultimodalLM:
+        if self.lora is not None:
+            with torch.random.fork_rng(devices=[]):  # the same adapter init wherever it is built
+                torch.manual_seed(0)
+                lora_adapters.add_adapters(model, self.lora)
+        return model
+
     def _prepare(self, model: MultimodalLM) -> MultimodalLM:
+        model = self._adapt(model)
         for part in MODEL_PARTS:
             getattr(model, _ATTR[part]).requires_grad_(part not in self.freeze)
+        if self.lora is not None:
+            lora_adapters.set_trainable(
+                model, self.lora, {_ATTR[p]: p not in self.freeze for p in MODEL_PARTS}
+            )
         model.freeze_unused()
         if self.hparams.activation_checkpointing:
             model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -239,9 +261,22 @@ class MMSceneModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self._nonfinite_steps
+        if self.lora is not None and "config" not in self.spec:
+            # adapters and what else trains; the frozen base is read again from `model`'s
+            # checkpoint (a base drawn from `model.config` is random: it stays in)
+            trained = self.trained_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        if self.lora is not None and self.model is not None:
+            missing = sorted(self.trained_names() - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(f"LoRA checkpoint lacks trained weights: {missing[:5]}")
+
+    def trained_names(self) -> set[str]:
+        """State-dict names (``model.…``) of the parameters that train."""
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/loss", self._step_loss, prog_bar=True, batch_size=1, sync_dist=False)
