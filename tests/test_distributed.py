@@ -50,6 +50,16 @@ def single(tmp_path_factory, demo_data):
     return out
 
 
+@pytest.fixture(scope="module")
+def single_lora(tmp_path_factory, demo_data):
+    """One process with LoRA adapters, the whole global batch as one micro-batch."""
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("single-lora")
+    done = _run(out, "single", 1, 4, demo_data, "--lora")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
 @pytest.mark.parametrize(
     "strategy,devices,accumulate,extra",
     [
@@ -57,15 +67,25 @@ def single(tmp_path_factory, demo_data):
         ("ddp", 2, 2, ()),
         ("fsdp2", 2, 2, ()),
         ("fsdp2", 2, 2, ("--compile", "--checkpointing")),
+        ("ddp", 2, 2, ("--lora",)),
+        ("fsdp2", 2, 2, ("--lora",)),
     ],
-    ids=["1proc-2micro", "ddp-2x2", "fsdp2-2x2", "fsdp2-2x2-compiled-checkpointed"],
+    ids=[
+        "1proc-2micro",
+        "ddp-2x2",
+        "fsdp2-2x2",
+        "fsdp2-2x2-compiled-checkpointed",
+        "ddp-2x2-lora",
+        "fsdp2-2x2-lora",
+    ],
 )
 def test_step_is_the_mean_over_all_labelled_tokens(
-    tmp_path, demo_data, single, strategy, devices, accumulate, extra
+    tmp_path, demo_data, request, strategy, devices, accumulate, extra
 ):
     """The same global batch as 1 micro-batch, as 2 micro-batches, and as 2 ranks x 2 micro-batches
-    with unequal labelled-token counts (also with compiled blocks and activation checkpointing):
-    same gradients, same logged loss, same weights."""
+    with unequal labelled-token counts (also with compiled blocks and activation checkpointing, and
+    with LoRA adapters against one LoRA process): same gradients, same logged loss, same weights."""
+    single = request.getfixturevalue("single_lora" if "--lora" in extra else "single")
     done = _run(tmp_path, strategy, devices, 4, demo_data, "--accumulate", str(accumulate), *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     ref, got = _steps(single), _steps(tmp_path)
@@ -95,6 +115,8 @@ def test_step_is_the_mean_over_all_labelled_tokens(
     assert len(scenarios) > 1, scenarios
     ga, gb = _load(single / "grads.pt"), _load(tmp_path / "grads.pt")
     assert sorted(ga) == sorted(gb) and ga
+    llm = [n for n in ga if n.startswith("language_model.")]
+    assert llm and all((".lora_" in n) == ("--lora" in extra) for n in llm)  # LoRA: only adapters
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], atol=1e-6, rtol=1e-4, msg=name)
     wa, wb = _load(single / "weights.pt"), _load(tmp_path / "weights.pt")
