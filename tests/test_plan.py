@@ -353,3 +353,44 @@ def test_plan_learns_the_fused_loss(llm):
         fused.activations["logits"] + fused.activations["logits_grad"]
     )
     assert full.fsdp["total"] - fused.fsdp["total"] == saved > 20 * 2**30  # 16k x 152k logits: ~28 GiB
+
+
+@pytest.mark.parametrize("llm", sorted(QWEN))
+def test_plan_learns_lora(llm):
+    """With LoRA the trained parameters are the adapters (r x (in + out) per adapted projection)
+    and the projector: gradients and AdamW states shrink to those, the weights stay."""
+    pytest.importorskip("peft")
+    cfg = MultimodalConfig(vision="siglip-so400m-patch14-384-26l", text=llm)
+    common = dict(
+        nodes=1, gpus_per_node=8, max_length=8192, activation_checkpointing=True, loss_chunk_tokens=512
+    )
+    r = 16
+    full, lora = plan(cfg, **common), plan(cfg, **common, lora={"r": r})
+    q, counts = QWEN[llm], hand_counts(llm)
+    h, kv, i = q["h"], q["kv_heads"] * (q["h"] // q["a"]), q["i"]
+    # q, k, v, o, gate, up, down: (in, out) per layer
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    adapters = q["L"] * sum(r * (a + b) for a, b in shapes)
+    assert lora.params["total"]["trainable"] == adapters + counts["projector"]
+    assert lora.params["total"]["total"] == counts["total"] + adapters
+    m = 4  # fp32 master weights, gradients and AdamW moments
+    assert lora.ddp["optimizer"] == 2 * (adapters + counts["projector"]) * m
+    assert lora.ddp["params"] == full.ddp["params"] + adapters * m
+    assert lora.ddp["total"] < full.ddp["total"] - 2 * m * counts["llm"]  # grads + AdamW of the LLM gone
+
+
+def test_plan_counts_what_the_module_trains_with_lora(demo_data, tmp_path):
+    """The plan's trainable count is what MMSceneModule trains with the same LoRA options."""
+    pytest.importorskip("peft")
+    from train_helpers import tiny_config
+
+    from mmscene.train.module import MMSceneModule
+
+    spec = tiny_config(demo_data, tmp_path)["model"]["model"]
+    lora = {"r": 4, "tower": True}
+    module = MMSceneModule(model=spec, freeze=["vision"], lora=lora)
+    module.configure_model()
+    trained = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
+    planned = plan(MultimodalConfig(**spec["config"]), nodes=1, gpus_per_node=1, freeze=["vision"], lora=lora)
+    assert planned.params["total"]["trainable"] == trained
+    assert planned.params["vision"]["trainable"] > 0  # the tower's adapters train though it is frozen

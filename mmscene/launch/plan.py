@@ -76,6 +76,7 @@ class Plan:
     activations: dict[str, Any]
     activation_checkpointing: bool
     strategy: str | None = None  # the config's: "fsdp2", "ddp" or None (not known)
+    lora: dict[str, Any] | None = None  # model.lora: adapters train instead of the LLM
 
     @property
     def world_size(self) -> int:
@@ -111,8 +112,10 @@ def _unique(params) -> list[torch.nn.Parameter]:
     return out
 
 
-def meta_model(config, freeze=("vision",)):
-    """The model on the meta device, with the parts' requires_grad as training would set them."""
+def meta_model(config, freeze=("vision",), lora: dict[str, Any] | None = None):
+    """The model on the meta device, with the parts' requires_grad as training would set them
+    (with ``lora``: peft's adapters added, and only they train in the adapted parts)."""
+    from mmscene.model import lora as lora_adapters
     from mmscene.model.core import MultimodalLM
 
     unknown = sorted(set(freeze) - set(MODEL_PARTS))
@@ -120,8 +123,13 @@ def meta_model(config, freeze=("vision",)):
         raise ValueError(f"freeze: unknown parts {unknown}; choose from {MODEL_PARTS}")
     with torch.device("meta"):
         model = MultimodalLM(config)
+    lora = lora_adapters.check(lora)
+    if lora is not None:
+        lora_adapters.add_adapters(model, lora)
     for part in MODEL_PARTS:  # as MMSceneModule.configure_model does
         getattr(model, _ATTR[part]).requires_grad_(part not in freeze)
+    if lora is not None:
+        lora_adapters.set_trainable(model, lora, {_ATTR[p]: p not in freeze for p in MODEL_PARTS})
     if hasattr(model, "freeze_unused"):
         model.freeze_unused()
     return model
@@ -186,6 +194,7 @@ def plan(
     activation_checkpointing: bool = False,
     strategy: str | None = None,
     loss_chunk_tokens: int | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> Plan:
     """Parameter counts and memory estimates for ``config`` (a MultimodalConfig) on nodes x GPUs.
 
@@ -198,7 +207,7 @@ def plan(
 
     if nodes < 1 or gpus_per_node < 1 or max_length < 1 or micro_batch < 1 or images_per_sample < 0:
         raise ValueError("nodes, gpus_per_node, max_length and micro_batch must be >= 1")
-    model = meta_model(config, freeze)
+    model = meta_model(config, freeze, lora)
     params = parameter_counts(model)
     P, T = params["total"]["total"], params["total"]["trainable"]
 
@@ -261,6 +270,7 @@ def plan(
         activations=acts,
         activation_checkpointing=activation_checkpointing,
         strategy=strategy,
+        lora=lora,
     )
 
 

@@ -56,6 +56,9 @@ def format_plan(p, gpu_gib: float = GPU_GIB) -> str:
         row = p.params[part]
         lines.append(f"{part:<12}{row['total']:>16,}{row['trainable']:>16,}")
     lines.append(f"frozen: {', '.join(p.freeze) or 'nothing'}")
+    if p.lora:
+        where = "LLM and tower" if p.lora.get("tower") else "LLM"
+        lines.append(f"LoRA on the {where}: r={p.lora['r']}, only adapters train there")
     lines.append(
         f"FSDP2 units: {p.num_units} (largest {p.largest_unit:,} params) + root ({p.root_params:,} params)"
     )
@@ -136,6 +139,7 @@ def settings_from_yaml(path: str | Path) -> dict[str, Any]:
         "hybrid": bool(fsdp.get("hybrid", False)),
         "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
         "loss_chunk_tokens": _loss_chunk(model),
+        "lora": model.get("lora"),
         "max_length": d.get("max_length", 4096),
         "micro_batch": d.get("batch_size", 8),
         "batching": parse_batching(d.get("batching")),
@@ -158,6 +162,7 @@ DEFAULT_SETTINGS = {
     "batching": None,
     "strategy": None,
     "loss_chunk_tokens": 512,
+    "lora": None,
 }
 
 
@@ -280,6 +285,7 @@ def plan_main(args: argparse.Namespace) -> int:
         activation_checkpointing=s["activation_checkpointing"],
         strategy=s["strategy"],
         loss_chunk_tokens=s["loss_chunk_tokens"],
+        lora=s["lora"],
     )
     if args.json:
         json.dump(result.to_dict(), sys.stdout, indent=2)
