@@ -39,7 +39,7 @@ from mmscene.model.config import MultimodalConfig  # noqa: E402
 from mmscene.model.core import MultimodalLM  # noqa: E402
 from mmscene.registry import get_scenario  # noqa: E402
 from mmscene.train.datamodule import load_tokenizer  # noqa: E402
-from mmscene.train.module import core_inputs  # noqa: E402
+from mmscene.train.inputs import core_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mmscene.data.pipeline.collate import pad_collate
 from mmscene.data.pipeline.packing import packed_collate
 from mmscene.model import load_pretrained
-from mmscene.train.module import core_inputs
+from mmscene.train.inputs import core_inputs
 
 PACKAGE = str(Path(__file__).resolve().parents[1] / "mmscene")
 TORCH = str(Path(torch.__file__).resolve().parent)

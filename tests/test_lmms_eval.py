@@ -315,7 +315,7 @@ def test_multi_round_asks_each_round_on_the_same_images(setup):
     from PIL import Image
 
     from mmscene.eval.loading import load_session
-    from mmscene.train.module import generate_answers
+    from mmscene.train.inputs import generate_answers
 
     rows = _harness_rows(setup, "mm_rounds")
     session = load_session(setup["ckpt"])

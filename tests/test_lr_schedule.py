@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmscene.train.module import lr_schedule
+from mmscene.train.schedule import lr_schedule
 
 
 def lrs_over(steps: int, warmup: int, total: int | None, min_ratio: float) -> list[list[float]]:

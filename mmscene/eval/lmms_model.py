@@ -24,7 +24,7 @@ from lmms_eval.utils import Collator
 from mmscene.eval.loading import load_session
 from mmscene.eval.session import EvalSession, EvaluationError
 from mmscene.eval.strict_pil import restore_strict_pil
-from mmscene.train.module import generate_answers
+from mmscene.train.inputs import generate_answers
 
 restore_strict_pil()
 

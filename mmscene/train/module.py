@@ -19,8 +19,10 @@ from mmscene.model.token_loss import KERNELS
 from mmscene.train import sharding
 from mmscene.train.building import build_model, model_config, skeleton
 from mmscene.train.evaluation import Scoreboard
+from mmscene.train.inputs import core_inputs, generate_answers
 from mmscene.train.loss import scale_gradients
 from mmscene.train.ranks import concatenated
+from mmscene.train.schedule import lr_schedule
 
 log = logging.getLogger(__name__)
 
@@ -381,55 +383,3 @@ class MMSceneModule(L.LightningModule):
         if not any(isinstance(c, Telemetry) for c in self.trainer.callbacks):
             callbacks.append(Telemetry())
         return callbacks
-
-
-def generate_answers(
-    model: MultimodalLM,
-    tokenizer,
-    batch: dict[str, Any],
-    max_new_tokens: int,
-    synced: bool = False,
-    **generation: Any,
-) -> list[str]:
-    """Greedy (or ``generation``'s) answers to a left-padded batch, decoded and stripped: the one
-    decoding path of validation, prediction and the lmms-eval model. ``synced``: sharded ranks
-    step together until all are done."""
-    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    generation.setdefault("do_sample", False)
-    new = model.generate(
-        input_ids=batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        attention_mask=batch["attention_mask"],
-        image_pooling=batch.get("image_pooling"),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=sorted({e for e in eos if e is not None}),
-        pad_token_id=tokenizer.pad_token_id,
-        synced_gpus=synced,
-        **generation,
-    )
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-
-
-def core_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The core's inputs from a collated batch (host-side counts included)."""
-    return {
-        "input_ids": batch["input_ids"],
-        "pixel_values": batch["pixel_values"],
-        "attention_mask": batch.get("attention_mask"),
-        "position_ids": batch.get("position_ids"),
-        "image_pooling": batch.get("image_pooling"),
-        "host": {k: batch[k] for k in ("image_positions", "image_pooling_flags") if batch.get(k) is not None},
-    }
-
-
-def lr_schedule(optimizer, warmup: int, total: int | None, min_ratio: float):
-    """Linear warmup from 0, then cosine decay to ``min_ratio`` of each group's LR at ``total``
-    (transformers' schedules, as LLaVA's trainer uses); constant after warmup without a total."""
-    from transformers.optimization import (
-        get_constant_schedule_with_warmup,
-        get_cosine_with_min_lr_schedule_with_warmup,
-    )
-
-    if not total or total <= warmup:
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=min_ratio)
