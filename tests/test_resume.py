@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from train_helpers import tiny_config, write_config
 
@@ -39,14 +40,24 @@ def _steps(record: Path) -> dict[int, list[str]]:
     return {r["step"]: r["keys"] for r in map(json.loads, record.read_text().splitlines())}
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data):
+def _config(variant: str, demo_data: Path, root: Path, total: int, request) -> dict:
+    cfg = tiny_config(demo_data, root, max_steps=total)
+    if variant == "lora":  # a LoRA checkpoint holds adapters + projector; the base is re-read
+        pytest.importorskip("peft")
+        cfg["model"]["model"] = {"pretrained": str(request.getfixturevalue("tiny_pretrained"))}
+        cfg["model"].update(freeze=["vision"], lora={"r": 4, "alpha": 8})
+    return cfg
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data, request, variant):
     k, total = 4, 8
-    full = tiny_config(demo_data, tmp_path / "full", max_steps=total)
+    full = _config(variant, demo_data, tmp_path / "full", total, request)
     full["trainer"]["callbacks"] = _callbacks(tmp_path / "full.jsonl")
     done = _fit(write_config(full, tmp_path / "full.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
 
-    killed = tiny_config(demo_data, tmp_path / "killed", max_steps=total)
+    killed = _config(variant, demo_data, tmp_path / "killed", total, request)
     killed["trainer"]["callbacks"] = _callbacks(
         tmp_path / "killed.jsonl",
         {
@@ -59,7 +70,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data):
     assert died.returncode == 3, died.stderr[-3000:]
     ckpt = next((tmp_path / "ckpts").glob(f"*step={k}.ckpt"))
 
-    resumed = tiny_config(demo_data, tmp_path / "resumed", max_steps=total)
+    resumed = _config(variant, demo_data, tmp_path / "resumed", total, request)
     resumed["trainer"]["callbacks"] = _callbacks(tmp_path / "resumed.jsonl")
     again = _fit(write_config(resumed, tmp_path / "resumed.yaml"), "--ckpt_path", str(ckpt))
     assert again.returncode == 0, again.stderr[-3000:]

@@ -215,6 +215,14 @@ class MMSceneModule(L.LightningModule):
         of_sample = torch.tensor(of_sample, dtype=torch.long).to(self.device, non_blocking=True)
         return {"groups": of_sample[batch["sample_index"]], "num_groups": len(self.scenario_names)}
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # restored here, not on load: building the data loader's iterator draws from it first
+        state, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if state is not None:
+            torch.set_rng_state(state["cpu"])
+            if "cuda" in state and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda"], self.device)
+
     def on_fit_start(self) -> None:
         attention.check_trainable(self.attn_implementation, self.device)
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -263,6 +271,10 @@ class MMSceneModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_steps"] = self._nonfinite_steps
+        # the random state dropout (LoRA's, a model's) draws from: a resume draws the same masks
+        checkpoint["rng_state"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.lora is not None and "config" not in self.spec:
             # adapters and what else trains; the frozen base is read again from `model`'s
             # checkpoint (a base drawn from `model.config` is random: it stays in)
@@ -271,6 +283,7 @@ class MMSceneModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        self._rng_to_restore = checkpoint.get("rng_state")
         if self.lora is not None and self.model is not None:
             missing = sorted(self.trained_names() - set(checkpoint["state_dict"]))
             if missing:
