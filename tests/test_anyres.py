@@ -1,0 +1,93 @@
+"""AnyRes geometry against transformers' LlavaNext: resolution, crops and LLM positions."""
+
+import pytest
+import torch
+from transformers import LlavaNextConfig, Qwen2Config, SiglipVisionConfig
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+
+from mmscene.model import anyres
+
+# lmms-lab/llava-next-interleave-qwen-*: (width, height) in LLaVA-NeXT's order
+INTERLEAVE_PINPOINTS = anyres.pinpoints_from_llava(
+    [(384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152)]
+)
+CROP, SIDE = 384, 27  # SigLIP so400m: 384 px, 14 px patches
+
+# (width, height) -> positions stated for the interleave checkpoints (base 729 + rows with newlines)
+STATED = {(768, 384): 2214, (384, 768): 2241, (640, 480): 2929}
+SIZES = [*STATED, (384, 384), (1000, 333), (333, 1000), (1153, 385), (50, 40), (3000, 2000), (385, 1151)]
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    """LlavaNext's feature packing at SigLIP-384's geometry (the tower is never run)."""
+    config = LlavaNextConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=CROP,
+            patch_size=14,
+        ),
+        text_config=Qwen2Config(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=32,
+        ),
+        image_grid_pinpoints=INTERLEAVE_PINPOINTS,
+        vision_feature_select_strategy="full",
+    )
+    return LlavaNextModel(config).eval()
+
+
+@pytest.mark.parametrize("wh", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
+def test_resolution_crops_and_positions_equal_llava_next(wh, llava_next):
+    size = (wh[1], wh[0])  # (height, width)
+    assert anyres.best_resolution(size, INTERLEAVE_PINPOINTS) == tuple(
+        select_best_resolution(size, INTERLEAVE_PINPOINTS)
+    )
+    crops = anyres.num_crops(size, INTERLEAVE_PINPOINTS, CROP)
+    assert crops == image_size_to_num_patches(size, INTERLEAVE_PINPOINTS, CROP)
+    features = [torch.zeros(crops, SIDE * SIDE, 8)]
+    with torch.no_grad():
+        _, lengths = llava_next.pack_image_features(
+            features, torch.tensor([size]), "full", image_newline=llava_next.image_newline
+        )
+    assert anyres.num_positions(size, INTERLEAVE_PINPOINTS, CROP, SIDE) == int(lengths[0])
+    if wh in STATED:
+        assert int(lengths[0]) == STATED[wh]
+
+
+def test_best_resolution_ties_go_to_less_waste_then_the_first_listed():
+    # a 100 x 100 image fits every pinpoint whole: least waste wins
+    assert anyres.best_resolution((100, 100), [(400, 400), (200, 300), (300, 200)]) == (200, 300)
+    # equal effective area and waste: the first listed
+    assert anyres.best_resolution((100, 100), [(300, 200), (200, 300)]) == (300, 200)
+
+
+def test_the_two_rounding_rules_differ_where_documented(llava_next):
+    """LLaVA-NeXT truncates the scaled side, transformers rounds at 7 digits first: a 188 x 423
+    image (width x height) scales to just under 24 of 27 columns, so transformers keeps 25
+    (27 less 1 on each side) and LLaVA-NeXT 23 (27 less 2). mmscene follows transformers by
+    default, which its LlavaNext export runs."""
+    size = (423, 188)
+    rows, cols = anyres.grid_shape(size, INTERLEAVE_PINPOINTS, CROP)
+    assert anyres.unpadded_shape(size, rows * SIDE, cols * SIDE, "transformers") == (54, 25)
+    assert anyres.unpadded_shape(size, rows * SIDE, cols * SIDE, "llava") == (54, 23)
+    crops = anyres.num_crops(size, INTERLEAVE_PINPOINTS, CROP)
+    with torch.no_grad():
+        _, lengths = llava_next.pack_image_features(
+            [torch.zeros(crops, SIDE * SIDE, 8)],
+            torch.tensor([size]),
+            "full",
+            image_newline=llava_next.image_newline,
+        )
+    assert int(lengths[0]) == anyres.num_positions(size, INTERLEAVE_PINPOINTS, CROP, SIDE) == 729 + 54 * 26
+    assert anyres.num_positions(size, INTERLEAVE_PINPOINTS, CROP, SIDE, "llava") == 729 + 54 * 24
+    with pytest.raises(ValueError, match="rounding"):
+        anyres.unpadded_shape(size, 54, 27, "nearest")
