@@ -91,3 +91,88 @@ def test_the_two_rounding_rules_differ_where_documented(llava_next):
     assert anyres.num_positions(size, INTERLEAVE_PINPOINTS, CROP, SIDE, "llava") == 729 + 54 * 24
     with pytest.raises(ValueError, match="rounding"):
         anyres.unpadded_shape(size, 54, 27, "nearest")
+
+
+# tiny tower: 28 px, 14 px patches -> 2 x 2 patches a crop; pinpoints in (height, width)
+TINY_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+
+
+def _tiny_llava_next():
+    from helpers import IMAGE_TOKEN, tiny_text_config, tiny_vision_config
+    from transformers import LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = LlavaNextConfig(
+        vision_config=tiny_vision_config(),
+        text_config=tiny_text_config(),
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=TINY_PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=False,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _as_mmscene(hf):
+    from mmscene.model.config import MultimodalConfig, hf_config_dict
+    from mmscene.model.core import MultimodalLM
+    from mmscene.model.formats import _llava_hf_key
+
+    config = MultimodalConfig(
+        vision=hf_config_dict(hf.config.vision_config),
+        text=hf_config_dict(hf.config.text_config),
+        image_token_id=hf.config.image_token_index,
+        image_grid_pinpoints=TINY_PINPOINTS,
+        patch_merge="spatial_unpad",
+    )
+    ours = MultimodalLM(config).eval()
+    state = {_llava_hf_key(k): v for k, v in hf.state_dict().items()}
+    missing, unexpected = ours.load_state_dict(state, strict=False)
+    assert not unexpected and all("post_layernorm" in k or "head" in k for k in missing), (
+        missing,
+        unexpected,
+    )
+    return ours
+
+
+@pytest.mark.parametrize("sizes", [[(40, 70)], [(70, 40), (28, 28)], [(100, 31)]], ids=str)
+def test_anyres_logits_equal_llava_next(sizes):
+    """Images cut into AnyRes crops: the core's logits equal transformers' LlavaNext on the same
+    weights and crops (image_newline included), one or two images in a sample."""
+    from helpers import IMAGE_TOKEN
+
+    hf = _tiny_llava_next()
+    ours = _as_mmscene(hf)
+    g = torch.Generator().manual_seed(0)
+    crops = [anyres.num_crops(s, TINY_PINPOINTS, 28) for s in sizes]
+    positions = [anyres.num_positions(s, TINY_PINPOINTS, 28, 2) for s in sizes]
+    pieces = []
+    for n in positions:
+        pieces += [torch.randint(5, 400, (3,), generator=g), torch.full((n,), IMAGE_TOKEN)]
+    ids = torch.cat([*pieces, torch.randint(5, 400, (4,), generator=g)])[None]
+    pixels = torch.randn(sum(crops), 3, 28, 28, generator=g)
+    stacked = torch.zeros(len(sizes), max(crops), 3, 28, 28)  # LlavaNext: [images, crops, ...] padded
+    start = 0
+    for i, n in enumerate(crops):
+        stacked[i, :n] = pixels[start : start + n]
+        start += n
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, pixel_values=stacked, image_sizes=torch.tensor(sizes)).logits
+        mine = ours(ids, pixels, host={"image_sizes": sizes}).logits
+    torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=0)
+
+
+def test_single_crop_images_end_with_the_newline_under_spatial_unpad():
+    hf = _tiny_llava_next()
+    ours = _as_mmscene(hf)
+    assert ours.tokens_per_image() == 4 + 1
+    feats = ours.encode_images(torch.randn(2, 3, 28, 28))
+    assert feats.shape[0] == 2 * 5
+    torch.testing.assert_close(feats[4], ours.projector.image_newline.detach())
+    with pytest.raises(ValueError, match="crops"):
+        ours.encode_images(torch.randn(2, 3, 28, 28), image_sizes=[(40, 70)])

@@ -62,6 +62,12 @@ class MultimodalConfig:
     vision_feature_select: ``full`` keeps every token, ``default`` drops the first (CLS) token.
     image_token_id: the id that marks one image position in ``input_ids``.
     frame_pool_stride: average-pool the patch grid of pooled images (video frames) by this stride.
+    image_grid_pinpoints: AnyRes resolutions ``[[height, width], ...]`` (multiples of the tower's
+        image size) for images given with their size; None: every image is one crop.
+    patch_merge: ``flat`` (features as the tower gives them) or ``spatial_unpad`` (LLaVA-NeXT:
+        AnyRes grids unpadded, a learned ``image_newline`` ending each row, and one after each
+        single-crop image); see :mod:`mmscene.model.anyres`.
+    anyres_rounding: unpad's rounding rule, ``transformers`` or ``llava``.
     """
 
     vision: dict[str, Any] | str = "siglip-so400m-patch14-384-26l"
@@ -72,6 +78,9 @@ class MultimodalConfig:
     vision_feature_select: Literal["full", "default"] = "full"
     image_token_id: int = DEFAULT_IMAGE_TOKEN_ID
     frame_pool_stride: int = 1
+    image_grid_pinpoints: list[list[int]] | None = None
+    patch_merge: Literal["flat", "spatial_unpad"] = "flat"
+    anyres_rounding: Literal["transformers", "llava"] = "transformers"
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, str):
@@ -84,6 +93,16 @@ class MultimodalConfig:
             )
         if self.frame_pool_stride < 1:
             raise ValueError(f"frame_pool_stride must be >= 1, got {self.frame_pool_stride}")
+        if self.patch_merge not in ("flat", "spatial_unpad"):
+            raise ValueError(f"patch_merge must be 'flat' or 'spatial_unpad', got {self.patch_merge!r}")
+        if self.image_grid_pinpoints is not None:
+            if self.patch_merge != "spatial_unpad":
+                raise ValueError("image_grid_pinpoints (AnyRes) needs patch_merge: spatial_unpad")
+            size = int(self.vision_config.image_size)
+            bad = [p for p in self.image_grid_pinpoints if len(p) != 2 or p[0] % size or p[1] % size]
+            if bad or not self.image_grid_pinpoints:
+                raise ValueError(f"image_grid_pinpoints must be [height, width] multiples of {size}, got {bad}")
+            self.image_grid_pinpoints = [[int(h), int(w)] for h, w in self.image_grid_pinpoints]
 
     @property
     def vision_config(self) -> PretrainedConfig:

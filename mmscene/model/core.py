@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmscene.constants import IGNORE_INDEX
-from mmscene.model import attention
+from mmscene.model import anyres, attention
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.projector import build_projector
 from mmscene.model.token_loss import summed_token_loss
@@ -41,6 +41,12 @@ class MultimodalLM(nn.Module):
             config.projector, vision_config.hidden_size, text_config.hidden_size, config.projector_bias
         )
         self.language_model = AutoModelForCausalLM.from_config(text_config, **kwargs)
+        if config.patch_merge == "spatial_unpad":
+            # LLaVA-NeXT's learned row end; held by the projector, so it trains and freezes with it
+            hidden = text_config.hidden_size
+            self.projector.register_parameter(
+                "image_newline", nn.Parameter(torch.randn(hidden) / hidden**0.5)
+            )
         self.tokenizer = None  # attached by callers that have one; saved alongside the weights
         self.freeze_unused()
 
@@ -88,10 +94,11 @@ class MultimodalLM(nn.Module):
         grid = self.patch_grid
         if pooled and self.config.frame_pool_stride > 1:
             side = grid // self.config.frame_pool_stride
-            return side * side
+            return side * side + int(self.config.patch_merge == "spatial_unpad")
         has_cls = self.config.vision_config.model_type in CLS_TOWERS
         n = grid * grid + int(has_cls)
-        return n - 1 if self.config.vision_feature_select == "default" else n
+        n = n - 1 if self.config.vision_feature_select == "default" else n
+        return n + int(self.config.patch_merge == "spatial_unpad")  # the image_newline after it
 
     # ------------------------------------------------------------------ features
     def encode_images(
@@ -99,9 +106,12 @@ class MultimodalLM(nn.Module):
         pixel_values: torch.Tensor,
         image_pooling: torch.Tensor | None = None,
         pooling_flags: list[bool] | None = None,
+        image_sizes: list[tuple[int, int] | None] | None = None,
     ) -> torch.Tensor:
         """Projected features of each image, flattened to ``[total_positions, hidden]`` in order.
-        ``pooling_flags``: ``image_pooling`` as a host list (read without a device sync)."""
+        ``pooling_flags``: ``image_pooling`` as a host list (read without a device sync).
+        ``image_sizes``: per image, its original ``(height, width)`` when it comes as AnyRes crops
+        (base image, then the tiles row-major; :mod:`mmscene.model.anyres`), else None (one crop)."""
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"pixel_values must be [num_images, channels, H, W], got shape {tuple(pixel_values.shape)}"
@@ -121,9 +131,45 @@ class MultimodalLM(nn.Module):
         feats = self.projector(feats)
         if pooling_flags is None:
             pooling_flags = [] if image_pooling is None else image_pooling.tolist()
-        if not any(pooling_flags) or self.config.frame_pool_stride == 1:
+        pooling = any(pooling_flags) and self.config.frame_pool_stride > 1
+        if self.config.patch_merge == "flat" and not pooling and not any(image_sizes or ()):
             return feats.reshape(-1, feats.shape[-1])
-        return torch.cat([self._pool(f) if p else f for f, p in zip(feats, pooling_flags)], dim=0)
+        return torch.cat(self._per_image(feats, pooling_flags if pooling else [], image_sizes), dim=0)
+
+    def _per_image(self, feats, pooling_flags, image_sizes) -> list[torch.Tensor]:
+        """Each image's positions: AnyRes crops packed, pooled frames pooled, and under
+        ``spatial_unpad`` an ``image_newline`` after every single-crop image."""
+        cfg = self.config
+        sizes = list(image_sizes or [])
+        crops = [
+            anyres.num_crops(s, cfg.image_grid_pinpoints, self.image_size) if s is not None else 1
+            for s in sizes
+        ]
+        crops += [1] * (feats.shape[0] - sum(crops))
+        if sum(crops) != feats.shape[0] or (sizes and not cfg.image_grid_pinpoints and any(sizes)):
+            raise ValueError(
+                f"{feats.shape[0]} crops for images needing {sum(crops)}"
+                + (
+                    ""
+                    if cfg.image_grid_pinpoints
+                    else " (image sizes given, but the model has no AnyRes pinpoints)"
+                )
+            )
+        newline = getattr(self.projector, "image_newline", None)
+        out, start = [], 0
+        for i, n in enumerate(crops):
+            f = feats[start : start + n]
+            start += n
+            if n > 1 or (i < len(sizes) and sizes[i] is not None):
+                out.append(
+                    anyres.pack_features(
+                        f, sizes[i], cfg.image_grid_pinpoints, self.image_size, newline, cfg.anyres_rounding
+                    )
+                )
+                continue
+            f = self._pool(f[0]) if i < len(pooling_flags) and pooling_flags[i] else f[0]
+            out.append(f if newline is None else torch.cat([f, newline[None].to(f)], dim=0))
+        return out
 
     def _pool(self, feats: torch.Tensor) -> torch.Tensor:
         grid, stride = self.patch_grid, self.config.frame_pool_stride
@@ -162,7 +208,9 @@ class MultimodalLM(nn.Module):
                     f"input_ids hold {n_positions} image positions but no pixel_values were given"
                 )
             return embeds
-        feats = self.encode_images(pixel_values, image_pooling, host.get("image_pooling_flags"))
+        feats = self.encode_images(
+            pixel_values, image_pooling, host.get("image_pooling_flags"), host.get("image_sizes")
+        )
         if feats.shape[0] != n_positions:
             per_sample = image_mask.sum(dim=1).tolist()
             raise ValueError(

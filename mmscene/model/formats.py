@@ -162,6 +162,7 @@ def _remap(state: dict[str, torch.Tensor], rule: Callable[[str], str | None]) ->
 _LLAVA_HF_RULES = [
     (re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?"), "vision_tower."),
     (re.compile(r"^(model\.)?multi_modal_projector\."), "projector."),
+    (re.compile(r"^(model\.)?image_newline$"), "projector.image_newline"),  # LlavaNext (AnyRes)
     (re.compile(r"^language_model\.model\."), "language_model.model."),
     (re.compile(r"^language_model\.lm_head\."), "language_model.lm_head."),
     (re.compile(r"^model\.language_model\."), "language_model.model."),
