@@ -56,8 +56,9 @@ class Prompt:
     """What the tokenizer and the model see.
 
     images[i] fills the i-th ``<image>`` of the conversation; pooled[i] marks video frames whose
-    patch grid the model may pool. ``answer`` is the reference of the last assistant turn,
-    used by generation-based validation.
+    patch grid the model may pool; anyres[i] (empty: none) marks images cut into AnyRes crops
+    where the model has grid pinpoints (single images, LLaVA-NeXT). ``answer`` is the reference
+    of the last assistant turn, used by generation-based validation.
     """
 
     key: str
@@ -69,6 +70,7 @@ class Prompt:
     question_type: str = "open-ended"
     answer: str = ""
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    anyres: list[bool] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = sum(turn["content"].count(IMAGE_PLACEHOLDER) for turn in self.conversation)
@@ -78,6 +80,8 @@ class Prompt:
             )
         if len(self.pooled) != len(self.images):
             raise ValueError(f"pooled has {len(self.pooled)} flags for {len(self.images)} images")
+        if self.anyres and len(self.anyres) != len(self.images):
+            raise ValueError(f"anyres has {len(self.anyres)} flags for {len(self.images)} images")
 
 
 class Scenario:
@@ -135,6 +139,7 @@ class Scenario:
         images: list[Image.Image],
         pooled: list[bool],
         meta: dict[str, Any] | None = None,
+        anyres: list[bool] | None = None,
     ) -> Prompt:
         """A :class:`Prompt` of this scenario; the answer is the conversation's last assistant turn."""
         return Prompt(
@@ -147,6 +152,7 @@ class Scenario:
             question_type=example.question_type,
             answer=self.answer_of(conversation),
             meta=meta or {},
+            anyres=list(anyres or []),
         )
 
     @staticmethod

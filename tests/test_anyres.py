@@ -6,7 +6,7 @@ from transformers import LlavaNextConfig, Qwen2Config, SiglipVisionConfig
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
 
-from mmscene.model import anyres
+from mmscene.data.media import anyres
 
 # lmms-lab/llava-next-interleave-qwen-*: (width, height) in LLaVA-NeXT's order
 INTERLEAVE_PINPOINTS = anyres.pinpoints_from_llava(
@@ -176,3 +176,68 @@ def test_single_crop_images_end_with_the_newline_under_spatial_unpad():
     torch.testing.assert_close(feats[4], ours.projector.image_newline.detach())
     with pytest.raises(ValueError, match="crops"):
         ours.encode_images(torch.randn(2, 3, 28, 28), image_sizes=[(40, 70)])
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket"])
+def test_crops_equal_llava_next_image_processor(name):
+    """Real photos (square, 3:2, landscape) cut as transformers' processor cuts them, bit for bit."""
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+    from transformers import LlavaNextImageProcessorPil
+
+    from mmscene.data.media.preprocess import preprocess_images
+
+    image = Image.fromarray(getattr(data, name)()).convert("RGB")
+    processor = LlavaNextImageProcessorPil(
+        size={"height": CROP, "width": CROP},
+        crop_size={"height": CROP, "width": CROP},
+        image_grid_pinpoints=INTERLEAVE_PINPOINTS,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        do_center_crop=False,
+    )
+    theirs = processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    ours = preprocess_images(
+        anyres.crop_images(image, INTERLEAVE_PINPOINTS, CROP), CROP, False, (0.5,) * 3, (0.5,) * 3
+    )
+    assert ours.shape[0] == anyres.num_crops((image.height, image.width), INTERLEAVE_PINPOINTS, CROP)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_encoder_expands_anyres_images_to_their_positions(demo_data):
+    """A single-image sample with AnyRes on: its <image> becomes the image's positions, its pixels
+    its crops, and the core consumes exactly those."""
+    from train_helpers import tiny_config
+
+    from mmscene.data.pipeline.collate import pad_collate
+    from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
+    from mmscene.data.pipeline.eval_samples import EvalSamples
+    from mmscene.data.pipeline.mixer import Source
+    from mmscene.model.config import MultimodalConfig
+    from mmscene.model.core import MultimodalLM
+    from mmscene.registry import get_scenario
+    from mmscene.train.datamodule import load_tokenizer
+    from mmscene.train.inputs import core_inputs
+
+    spec = tiny_config(demo_data, demo_data)["model"]["model"]["config"]
+    pinpoints = [[48, 96], [96, 48], [96, 96]]
+    model = MultimodalLM(
+        MultimodalConfig(**spec, image_grid_pinpoints=pinpoints, patch_merge="spatial_unpad")
+    )
+    encoder = PromptEncoder(load_tokenizer(str(demo_data / "tokenizer")), ImageGeometry.of(model))
+    plugins = {"single_image": get_scenario("single_image", anyres=True)}
+    samples = list(
+        EvalSamples(
+            [Source(shards=str(demo_data / "train" / "single_image"), scenario="single_image")],
+            plugins,
+            encoder.encode,
+        )
+    )[:3]
+    for s in samples:
+        ((h, w),) = s["image_sizes"]
+        assert s["image_positions"] == anyres.num_positions((h, w), pinpoints, 48, model.patch_grid)
+        assert s["pixel_values"].shape[0] == anyres.num_crops((h, w), pinpoints, 48) > 1
+    batch = pad_collate(samples, 0)
+    with torch.no_grad():
+        out = model(**core_inputs(batch), labels=batch["labels"])
+    assert torch.isfinite(out.loss)

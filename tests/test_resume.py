@@ -46,10 +46,16 @@ def _config(variant: str, demo_data: Path, root: Path, total: int, request) -> d
         pytest.importorskip("peft")
         cfg["model"]["model"] = {"pretrained": str(request.getfixturevalue("tiny_pretrained"))}
         cfg["model"].update(freeze=["vision"], lora={"r": 4, "alpha": 8})
+    if variant == "anyres-packed":  # single images as AnyRes crops (tokens vary by image), packed rows
+        cfg["model"]["model"]["config"].update(
+            image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]], patch_merge="spatial_unpad"
+        )
+        cfg["data"]["scenarios"]["single_image"] = {"anyres": True}
+        cfg["data"]["batching"] = {"mode": "tokens", "max_tokens": 1024, "row_tokens": 512}
     return cfg
 
 
-@pytest.mark.parametrize("variant", ["full", "lora"])
+@pytest.mark.parametrize("variant", ["full", "lora", "anyres-packed"])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data, request, variant):
     k, total = 4, 8
     full = _config(variant, demo_data, tmp_path / "full", total, request)
@@ -75,6 +81,9 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data, reques
     again = _fit(write_config(resumed, tmp_path / "resumed.yaml"), "--ckpt_path", str(ckpt))
     assert again.returncode == 0, again.stderr[-3000:]
 
+    if variant == "anyres-packed":  # AnyRes images really went through
+        records = [json.loads(line) for line in (tmp_path / "full.jsonl").read_text().splitlines()]
+        assert sum(r["anyres_images"] for r in records) > 0
     # The resumed run sees exactly the samples the uninterrupted one saw after step k.
     full_steps, resumed_steps = _steps(tmp_path / "full.jsonl"), _steps(tmp_path / "resumed.jsonl")
     assert sorted(resumed_steps) == list(range(k, total))

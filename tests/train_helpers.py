@@ -71,6 +71,7 @@ class RecordBatches(L.Callback):
             "keys": keys,
             "tokens": tokens,
             "slots": batch["input_ids"].numel(),
+            "anyres_images": sum(1 for size in batch.get("image_sizes") or () if size),
         }
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -101,7 +101,9 @@ class MultimodalConfig:
             size = int(self.vision_config.image_size)
             bad = [p for p in self.image_grid_pinpoints if len(p) != 2 or p[0] % size or p[1] % size]
             if bad or not self.image_grid_pinpoints:
-                raise ValueError(f"image_grid_pinpoints must be [height, width] multiples of {size}, got {bad}")
+                raise ValueError(
+                    f"image_grid_pinpoints must be [height, width] multiples of {size}, got {bad}"
+                )
             self.image_grid_pinpoints = [[int(h), int(w)] for h, w in self.image_grid_pinpoints]
 
     @property

@@ -16,6 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmscene.constants import IGNORE_INDEX
+from mmscene.data.media import anyres as anyres_geometry
 from mmscene.model import anyres, attention
 from mmscene.model.config import MultimodalConfig
 from mmscene.model.projector import build_projector
@@ -142,7 +143,7 @@ class MultimodalLM(nn.Module):
         cfg = self.config
         sizes = list(image_sizes or [])
         crops = [
-            anyres.num_crops(s, cfg.image_grid_pinpoints, self.image_size) if s is not None else 1
+            anyres_geometry.num_crops(s, cfg.image_grid_pinpoints, self.image_size) if s is not None else 1
             for s in sizes
         ]
         crops += [1] * (feats.shape[0] - sum(crops))
@@ -246,7 +247,9 @@ class MultimodalLM(nn.Module):
         LLM's decoding loop use them.
         """
         if generate_kwargs is not None:
-            return self._generate(input_ids, pixel_values, attention_mask, image_pooling, generate_kwargs)
+            return self._generate(
+                input_ids, pixel_values, attention_mask, image_pooling, generate_kwargs, host
+            )
         rows = input_ids.shape
         if (
             attention_mask is None
@@ -301,6 +304,7 @@ class MultimodalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         image_pooling: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
+        image_sizes: list | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """New tokens only, ``[batch, new_len]``, with KV cache (greedy, sampling, any GenerationConfig).
@@ -318,10 +322,11 @@ class MultimodalLM(nn.Module):
             attention_mask,
             image_pooling=image_pooling,
             generate_kwargs={"generation_config": generation_config, **kwargs},
+            host={"image_sizes": image_sizes} if image_sizes else None,
         )
 
-    def _generate(self, input_ids, pixel_values, attention_mask, image_pooling, generate_kwargs):
-        inputs_embeds = self.embed(input_ids, pixel_values, image_pooling)
+    def _generate(self, input_ids, pixel_values, attention_mask, image_pooling, generate_kwargs, host=None):
+        inputs_embeds = self.embed(input_ids, pixel_values, image_pooling, host)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         # Decoding changes shapes every step (and carries a cache): compiled blocks would

@@ -15,7 +15,11 @@ def core_inputs(batch: dict[str, Any]) -> dict[str, Any]:
         "attention_mask": batch.get("attention_mask"),
         "position_ids": batch.get("position_ids"),
         "image_pooling": batch.get("image_pooling"),
-        "host": {k: batch[k] for k in ("image_positions", "image_pooling_flags") if batch.get(k) is not None},
+        "host": {
+            k: batch[k]
+            for k in ("image_positions", "image_pooling_flags", "image_sizes")
+            if batch.get(k) is not None
+        },
     }
 
 
@@ -37,6 +41,7 @@ def generate_answers(
         pixel_values=batch["pixel_values"],
         attention_mask=batch["attention_mask"],
         image_pooling=batch.get("image_pooling"),
+        image_sizes=batch.get("image_sizes"),
         max_new_tokens=max_new_tokens,
         eos_token_id=sorted({e for e in eos if e is not None}),
         pad_token_id=tokenizer.pad_token_id,

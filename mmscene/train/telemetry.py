@@ -102,9 +102,10 @@ class Telemetry(L.Callback):
         images = int(batch["pixel_values"].shape[0])
         pooled = int(batch.get("pooled_images", 0))
         model = pl_module.model
-        positions = (images - pooled) * model.tokens_per_image() + pooled * model.tokens_per_image(
-            pooled=True
-        )
+        positions = batch.get("image_positions")  # the encoder's count (AnyRes images vary)
+        if positions is None:
+            single = (images - pooled) * model.tokens_per_image()
+            positions = single + pooled * model.tokens_per_image(pooled=True)
         t = self._totals
         t["tokens"] += sum(lengths)
         t["samples"] += len(lengths)

@@ -21,13 +21,16 @@ class SingleImageScenario(Scenario):
 
     Options:
         max_pixels: decompression-bomb limit in pixels (default :data:`mmscene.data.media.decode.MAX_IMAGE_PIXELS`).
+        anyres: cut the image into AnyRes crops (LLaVA-NeXT; the model needs
+            ``image_grid_pinpoints``); multi-image sets, video and 3D keep one crop per image.
     """
 
     name = "single_image"
     description = "one image, placeholder kept where the record puts it"
 
-    def __init__(self, *, max_pixels: int | None = None):
+    def __init__(self, *, max_pixels: int | None = None, anyres: bool = False):
         self.max_pixels = max_pixels
+        self.anyres = bool(anyres)
 
     def load(self, sample: dict[str, Any]) -> Example:
         record = self.read_record(sample)
@@ -44,4 +47,5 @@ class SingleImageScenario(Scenario):
         if count_placeholders(conversation) == 0:
             conversation = prepend_to_first_user_turn(conversation, IMAGE_PLACEHOLDER)
         # a count other than one makes Prompt skip the sample
-        return self.prompt(example, conversation, example.images, [False] * len(example.images))
+        n = len(example.images)
+        return self.prompt(example, conversation, example.images, [False] * n, anyres=[self.anyres] * n)

@@ -11,6 +11,13 @@ from mmscene.constants import IGNORE_INDEX
 META_KEYS = ("key", "scenario", "task", "question_type", "answer", "options")
 
 
+def image_sizes(samples: list[dict[str, Any]]) -> list | None:
+    """Per image of the batch, in order: its ``(height, width)`` when it comes as AnyRes crops,
+    else None; None when no image does."""
+    sizes = [size for s in samples for size in s.get("image_sizes") or [None] * len(s["image_pooling"])]
+    return sizes if any(sizes) else None
+
+
 def _cat_images(samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = [s["pixel_values"] for s in samples if s["pixel_values"].shape[0]]
     pooling = [s["image_pooling"] for s in samples if s["pixel_values"].shape[0]]
@@ -43,6 +50,7 @@ def pad_collate(samples: list[dict[str, Any]], pad_id: int, left: bool = False) 
         "pixel_values": pixel_values,
         "image_pooling": image_pooling,
         "meta": [{k: s.get(k) for k in META_KEYS} for s in samples],
+        "image_sizes": image_sizes(samples),
     }
     if has_labels:
         batch["labels"] = labels

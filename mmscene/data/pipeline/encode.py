@@ -16,7 +16,8 @@ from typing import Any, Literal
 import torch
 
 from mmscene.constants import IGNORE_INDEX
-from mmscene.data.media.preprocess import MEAN, STD, normalisation, preprocess_images
+from mmscene.data.media import anyres
+from mmscene.data.media.preprocess import MEAN, STD, normalisation, preprocess_images, to_rgb
 from mmscene.data.pipeline import turn_layout
 from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, QWEN_1_5_TEMPLATE, with_system_prompt
 from mmscene.data.pipeline.turn_layout import Pieces
@@ -36,6 +37,9 @@ class ImageGeometry:
     pad_to_square: bool = True
     image_mean: tuple[float, ...] = MEAN  # the tower's normalisation (mmscene.data.media.preprocess)
     image_std: tuple[float, ...] = STD
+    grid_pinpoints: list[list[int]] | None = None  # AnyRes (mmscene.data.media.anyres)
+    patch_grid: int = 0  # patches per crop side
+    anyres_rounding: str = "transformers"
 
     @classmethod
     def of(cls, model, pad_to_square: bool = True) -> ImageGeometry:
@@ -46,7 +50,26 @@ class ImageGeometry:
             tokens_per_pooled_image=model.tokens_per_image(pooled=True),
             pad_to_square=pad_to_square,
             **normalisation(model.config.vision_config.model_type),
+            grid_pinpoints=model.config.image_grid_pinpoints,
+            patch_grid=model.patch_grid,
+            anyres_rounding=model.config.anyres_rounding,
         )
+
+    def anyres_size(self, prompt: Prompt, i: int) -> tuple[int, int] | None:
+        """The ``(height, width)`` of image ``i`` when it is cut into AnyRes crops, else None."""
+        if not self.grid_pinpoints or not (prompt.anyres and prompt.anyres[i]):
+            return None
+        width, height = prompt.images[i].size
+        return height, width
+
+    def positions(self, prompt: Prompt, i: int) -> int:
+        """LLM positions of image ``i`` of ``prompt``."""
+        size = self.anyres_size(prompt, i)
+        if size is not None:
+            return anyres.num_positions(
+                size, self.grid_pinpoints, self.image_size, self.patch_grid, self.anyres_rounding
+            )
+        return self.tokens_per_pooled_image if prompt.pooled[i] else self.tokens_per_image
 
 
 class PromptEncoder:
@@ -83,7 +106,7 @@ class PromptEncoder:
         messages = self._messages(conv)
         text = self._render(messages, add_generation_prompt=True)
         n_images = text.count(IMAGE_PLACEHOLDER)
-        ids = self._tokens(text, prompt.pooled[:n_images])
+        ids = self._tokens(text, prompt, 0)
         if self.max_length is not None and len(ids) > self.max_length:
             raise SkipSample(
                 "too_long", f"{prompt.key}: prompt of {len(ids)} tokens > max_length {self.max_length}"
@@ -116,7 +139,7 @@ class PromptEncoder:
             n_images = 0
             for text, is_target in ((head, False), (target, True), (tail, False)):
                 n = text.count(IMAGE_PLACEHOLDER)
-                piece = self._tokens(text, prompt.pooled[image_index : image_index + n])
+                piece = self._tokens(text, prompt, image_index)
                 ids += piece
                 labels += piece if is_target else [IGNORE_INDEX] * len(piece)
                 image_index += n
@@ -183,7 +206,8 @@ class PromptEncoder:
                 "mmscene cannot locate assistant turns with it: set a different chat template"
             )
 
-    def _tokens(self, text: str, pooled: list[bool]) -> list[int]:
+    def _tokens(self, text: str, prompt: Prompt, first_image: int) -> list[int]:
+        """``text``'s ids, its ``<image>`` placeholders (images ``first_image`` on) expanded."""
         parts = text.split(IMAGE_PLACEHOLDER)
         ids: list[int] = []
         g = self.geometry
@@ -191,8 +215,7 @@ class PromptEncoder:
             if part:
                 ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
             if j < len(parts) - 1:
-                n = g.tokens_per_pooled_image if pooled[j] else g.tokens_per_image
-                ids += [g.image_token_id] * n
+                ids += [g.image_token_id] * g.positions(prompt, first_image + j)
         return ids
 
     def _fit(self, turns: list[dict[str, Any]], prompt: Prompt) -> list[dict[str, Any]]:
@@ -215,13 +238,32 @@ class PromptEncoder:
 
     def _pixels(self, prompt: Prompt, n_images: int) -> dict[str, Any]:
         g = self.geometry
-        images = prompt.images[:n_images]
-        return {
-            "pixel_values": preprocess_images(
-                images, g.image_size, g.pad_to_square, g.image_mean, g.image_std
-            ),
+        sizes = [g.anyres_size(prompt, i) for i in range(n_images)]
+        if not any(sizes):
+            pixels = preprocess_images(
+                prompt.images[:n_images], g.image_size, g.pad_to_square, g.image_mean, g.image_std
+            )
+        else:  # AnyRes images become their crops (base first), the others one padded square each
+            parts = [
+                preprocess_images(
+                    anyres.crop_images(to_rgb(image), g.grid_pinpoints, g.image_size),
+                    g.image_size,
+                    False,
+                    g.image_mean,
+                    g.image_std,
+                )
+                if size is not None
+                else preprocess_images([image], g.image_size, g.pad_to_square, g.image_mean, g.image_std)
+                for image, size in zip(prompt.images[:n_images], sizes)
+            ]
+            pixels = torch.cat(parts)
+        out = {
+            "pixel_values": pixels,
             "image_pooling": torch.tensor(prompt.pooled[:n_images], dtype=torch.bool),
         }
+        if any(sizes):
+            out["image_sizes"] = sizes
+        return out
 
     def _assemble(self, turns: list[dict[str, Any]], prompt: Prompt) -> dict[str, Any]:
         ids = [i for t in turns for i in t["ids"]]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from mmscene.constants import IGNORE_INDEX
-from mmscene.data.pipeline.collate import META_KEYS, _cat_images, training_counts
+from mmscene.data.pipeline.collate import META_KEYS, _cat_images, image_sizes, training_counts
 
 
 def first_fit(
@@ -83,6 +83,7 @@ def packed_collate(
         "pixel_values": pixel_values,
         "image_pooling": image_pooling,
         "meta": [{k: s.get(k) for k in META_KEYS} for s in ordered],
+        "image_sizes": image_sizes(ordered),
         "sample_index": sample_index,
         **training_counts(ordered, image_pooling, labels),
     }
