@@ -46,8 +46,9 @@ def test_llava_hf_roundtrip_parity(tmp_path, tie):
     torch.testing.assert_close(_logits_ref(again, input_ids, pixel_values), ref, atol=1e-5, rtol=0)
 
 
-def _write_llava_qwen(hf: LlavaForConditionalGeneration, folder, vision_dir):
-    """The original LLaVA-NeXT layout, written from a transformers model's weights."""
+def _write_llava_qwen(hf: LlavaForConditionalGeneration, folder, vision_dir, **anyres):
+    """The original LLaVA-NeXT layout, written from a transformers model's weights (``anyres``:
+    its patch-merge / aspect-ratio / pinpoint settings, default flat)."""
     folder.mkdir()
     state = {}
     for key, value in hf.state_dict().items():
@@ -62,7 +63,9 @@ def _write_llava_qwen(hf: LlavaForConditionalGeneration, folder, vision_dir):
         else:
             new = key
         state[new] = value.contiguous().clone()
-    state["model.image_newline"] = torch.zeros(hf.config.text_config.hidden_size)
+    state["model.image_newline"] = torch.randn(
+        hf.config.text_config.hidden_size, generator=torch.Generator().manual_seed(3)
+    )
     save_file(state, str(folder / "model.safetensors"))
     text = hf.config.text_config.to_dict()
     config = {
@@ -74,14 +77,15 @@ def _write_llava_qwen(hf: LlavaForConditionalGeneration, folder, vision_dir):
         "mm_hidden_size": hf.config.vision_config.hidden_size,
         "mm_vision_select_layer": -1,
         "mm_vision_select_feature": "patch",
-        "mm_patch_merge_type": "spatial_unpad",
-        "image_aspect_ratio": "anyres",
+        "mm_patch_merge_type": "flat",
+        "image_aspect_ratio": "pad",
         "image_token_index": IMAGE_TOKEN,
+        **anyres,
     }
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def test_llava_qwen_layout_parity(tmp_path):
+def _original(tmp_path, **anyres):
     hf = tiny_llava()
     vision_dir = tmp_path / "siglip"
     vision_dir.mkdir()
@@ -89,7 +93,62 @@ def test_llava_qwen_layout_parity(tmp_path):
     full = hf.config.vision_config.to_dict()
     full["num_hidden_layers"] += 1
     (vision_dir / "config.json").write_text(json.dumps(full))
-    _write_llava_qwen(hf, tmp_path / "orig", vision_dir)
+    _write_llava_qwen(hf, tmp_path / "orig", vision_dir, **anyres)
+    return hf
+
+
+def test_llava_qwen_anyres_checkpoint_keeps_its_newline_and_round_trips_to_llava_next(tmp_path):
+    """An original interleave checkpoint (anyres, spatial_unpad, image_newline) imports with its
+    newline and pinpoints: single-crop images end with the newline as in LLaVA-NeXT's own
+    code; exported, transformers' LlavaNext computes the same logits on an AnyRes image."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from mmscene.data.media import anyres
+
+    pinpoints_wh = [[28, 56], [56, 28], [56, 56]]
+    hf = _original(
+        tmp_path,
+        mm_patch_merge_type="spatial_unpad",
+        image_aspect_ratio="anyres",
+        image_grid_pinpoints=pinpoints_wh,
+    )
+    model = load_pretrained(tmp_path / "orig").eval()
+    cfg = model.config
+    assert cfg.patch_merge == "spatial_unpad" and cfg.image_grid_pinpoints == anyres.pinpoints_from_llava(
+        pinpoints_wh
+    )
+    newline = torch.randn(hf.config.text_config.hidden_size, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model.projector.image_newline.detach(), newline)
+
+    # interleaved single-crop images: transformers' Llava features, each followed by the newline
+    input_ids, pixel_values = interleaved_input(tokens_per_image=model.tokens_per_image())
+    assert model.tokens_per_image() == 4 + 1
+    with torch.no_grad():
+        feats = hf.model.get_image_features(
+            pixel_values=pixel_values, vision_feature_layer=-1, vision_feature_select_strategy="full"
+        )
+        feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
+        feats = torch.cat([torch.cat([f.reshape(-1, f.shape[-1]), newline[None]]) for f in feats])
+        embeds = hf.get_input_embeddings()(input_ids.masked_fill(input_ids == IMAGE_TOKEN, 0))
+        embeds = embeds.masked_scatter((input_ids == IMAGE_TOKEN)[..., None], feats)
+        ref = hf.lm_head(hf.model.language_model(inputs_embeds=embeds).last_hidden_state)
+    torch.testing.assert_close(_logits(model, input_ids, pixel_values), ref, atol=1e-5, rtol=0)
+
+    save_pretrained(model, tmp_path / "export", format="llava-hf")
+    again = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    size = (40, 70)  # height, width
+    crops = anyres.num_crops(size, cfg.image_grid_pinpoints, 28)
+    n = anyres.num_positions(size, cfg.image_grid_pinpoints, 28, 2)
+    ids = torch.tensor([[5, 6] + [IMAGE_TOKEN] * n + [7, 8, 9]])
+    pixels = torch.randn(crops, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        theirs = again(input_ids=ids, pixel_values=pixels[None], image_sizes=torch.tensor([size])).logits
+        ours = model(ids, pixels, host={"image_sizes": [size]}).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_llava_qwen_layout_parity(tmp_path):
+    hf = _original(tmp_path)
 
     model = load_pretrained(tmp_path / "orig").eval()
     assert model.config.vision_config.num_hidden_layers == hf.config.vision_config.num_hidden_layers

@@ -45,7 +45,10 @@ def detect_format(config: dict[str, Any]) -> str:
         return "mmscene"
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
-    if model_type == "llava" or "LlavaForConditionalGeneration" in archs:
+    if model_type in ("llava", "llava_next") or {
+        "LlavaForConditionalGeneration",
+        "LlavaNextForConditionalGeneration",
+    } & set(archs):
         return "llava-hf"
     if model_type == "llava_qwen" or "LlavaQwenForCausalLM" in archs:
         return "llava_qwen"
@@ -174,7 +177,7 @@ _LLAVA_QWEN_RULES = [
     (re.compile(r"^model\.mm_projector\.0\."), "projector.linear_1."),
     (re.compile(r"^model\.mm_projector\.2\."), "projector.linear_2."),
     (re.compile(r"^model\.mm_projector\.(?=weight|bias)"), "projector.linear_1."),
-    (re.compile(r"^model\.image_newline$"), None),  # anyres row separator, unused for interleaved inputs
+    (re.compile(r"^model\.image_newline$"), "projector.image_newline"),  # spatial_unpad's row end
     (re.compile(r"^model\."), "language_model.model."),
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
 ]
@@ -200,7 +203,14 @@ def _load_state(model: MultimodalLM, names: dict[str, str], weights: LazyWeights
     and shapes match exactly (a missing weight is an error, never a random tensor)."""
     expected = model.state_dict()
     tied = bool(getattr(model.config.text_config, "tie_word_embeddings", False))
-    unexpected = sorted(k for k in names if k not in expected and not _UNUSED.match(k))
+    flat_newline = "projector.image_newline" not in expected  # a flat model never reads it
+    unexpected = sorted(
+        k
+        for k in names
+        if k not in expected
+        and not _UNUSED.match(k)
+        and not (flat_newline and k == "projector.image_newline")
+    )
     if unexpected:
         raise CheckpointError(f"{source} holds tensors the model does not have: {unexpected[:20]}")
     missing = sorted(
@@ -241,6 +251,10 @@ def _config_from_llava_hf(raw: dict[str, Any], overrides: dict[str, Any]) -> Mul
         vision_feature_select=hf.vision_feature_select_strategy,
         image_token_id=int(hf.image_token_id),
     )
+    if hf.model_type == "llava_next":  # AnyRes: (height, width) pinpoints, spatial_unpad, newline
+        values.update(
+            image_grid_pinpoints=[list(p) for p in hf.image_grid_pinpoints], patch_merge="spatial_unpad"
+        )
     if hf.projector_hidden_act != "gelu":
         raise CheckpointError(
             f"projector activation {hf.projector_hidden_act!r} is not supported (gelu only)"
@@ -279,8 +293,37 @@ def _config_from_llava_qwen(
         # The original SigLIP tower keeps all patches; CLIP's "patch" drops CLS.
         vision_feature_select="full" if is_siglip or select == "cls_patch" else "default",
         image_token_id=int(raw.get("image_token_index", DEFAULT_IMAGE_TOKEN_ID)),
+        **_llava_qwen_anyres(raw, "model.image_newline" in state),
     )
     return MultimodalConfig(**{**values, **overrides})
+
+
+def _llava_qwen_anyres(raw: dict[str, Any], has_newline: bool) -> dict[str, Any]:
+    """The original's ``mm_patch_merge_type`` / ``image_aspect_ratio`` / ``image_grid_pinpoints``,
+    kept: a model continued from it computes the positions it was trained with."""
+    from mmscene.data.media.anyres import pinpoints_from_llava
+
+    merge = str(raw.get("mm_patch_merge_type", "flat"))
+    aspect = str(raw.get("image_aspect_ratio", "square"))
+    if merge == "flat":
+        return {"patch_merge": "flat"}
+    if merge != "spatial_unpad" or not has_newline:
+        raise CheckpointError(
+            f"mm_patch_merge_type {merge!r} is not supported (flat, spatial_unpad with image_newline)"
+        )
+    out: dict[str, Any] = {"patch_merge": "spatial_unpad"}
+    if aspect.startswith("anyres"):
+        if aspect != "anyres":
+            raise CheckpointError(
+                f"image_aspect_ratio {aspect!r} is not supported (anyres; anyres_max_N is not)"
+            )
+        pinpoints = raw.get("image_grid_pinpoints")
+        if not isinstance(pinpoints, list) or not pinpoints:
+            raise CheckpointError(
+                "image_aspect_ratio anyres without image_grid_pinpoints (a list of [width, height])"
+            )
+        out["image_grid_pinpoints"] = pinpoints_from_llava(pinpoints)
+    return out
 
 
 def _llava_qwen_vision(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -304,6 +347,10 @@ def save_pretrained(model: MultimodalLM, out_dir: str | Path, format: str = "mms
     out.mkdir(parents=True, exist_ok=True)
     if format == "mmscene":
         _save_native(model, out, **kwargs)
+    elif format == "llava-hf" and model.config.patch_merge == "spatial_unpad":
+        from mmscene.model.export_llava_next import save_llava_next
+
+        save_llava_next(model, out, **kwargs)
     elif format == "llava-hf":
         from mmscene.model.export_hf import save_llava_hf
 
