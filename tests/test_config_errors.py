@@ -25,6 +25,12 @@ def _break(cfg: dict, how: str) -> dict:
         cfg["data"]["train"][2]["scenario"] = "hologram"
     elif how == "freeze":
         cfg["model"]["freeze"] = ["vison"]
+    elif how == "anyres_without_pinpoints":
+        cfg["data"]["scenarios"]["single_image"] = {"anyres": True}
+    elif how == "pinpoints_off_grid":
+        cfg["model"]["model"]["config"].update(image_grid_pinpoints=[[50, 96]], patch_merge="spatial_unpad")
+    elif how == "lora_key":
+        cfg["model"]["lora"] = {"rank": 8}
     return cfg
 
 
@@ -36,6 +42,9 @@ def _break(cfg: dict, how: str) -> dict:
         ("weight", "weight must be > 0"),
         ("scenario", "no installed plugin provides scenario 'hologram'"),
         ("freeze", "freeze: unknown parts ['vison']"),
+        ("anyres_without_pinpoints", "['single_image'] cut images into AnyRes crops, but the model has no"),
+        ("pinpoints_off_grid", "image_grid_pinpoints must be [height, width] multiples of 48"),
+        ("lora_key", "model.lora: unknown keys ['rank']"),
     ],
 )
 def test_bad_config_fails_at_start(tmp_path, demo_data, how, message, capsys):

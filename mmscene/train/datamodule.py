@@ -160,6 +160,12 @@ class MMSceneDataModule(L.LightningDataModule):
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the LLM vocabulary only {vocab}"
             )
+        anyres = sorted(name for name, plugin in self.scenarios.items() if getattr(plugin, "anyres", False))
+        if anyres and not geometry.grid_pinpoints:
+            raise ValueError(
+                f"data.scenarios: {anyres} cut images into AnyRes crops, but the model has no "
+                "image_grid_pinpoints (model.model.config / the checkpoint): set them or drop anyres"
+            )
         self.encoder = PromptEncoder(
             self.tokenizer, geometry, self.system_prompt, max_length=self.max_length, overflow=self.overflow
         )
