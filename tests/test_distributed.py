@@ -125,15 +125,31 @@ def test_step_is_the_mean_over_all_labelled_tokens(
         torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-3)
 
 
-def test_fsdp2_two_rank_exact_resume(tmp_path, demo_data):
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_fsdp2_two_rank_exact_resume(tmp_path, demo_data, request, variant):
+    """Killed and resumed under FSDP2 == uninterrupted, also with LoRA over a pretrained base
+    (whose sharded checkpoint keeps the base: Lightning's sharded load reads every key)."""
     k, total = 3, 6
     stream = ("--mode", "stream")
+    if variant == "lora":
+        pytest.importorskip("peft")
+        stream += (
+            "--lora",
+            "--freeze-vision",
+            "--pretrained",
+            str(request.getfixturevalue("tiny_pretrained")),
+        )
     full = _run(tmp_path / "full", "fsdp2", 2, total, demo_data, *stream)
     assert full.returncode == 0, full.stderr[-3000:]
     killed = _run(tmp_path / "killed", "fsdp2", 2, total, demo_data, *stream, "--kill-at", str(k + 1))
     assert killed.returncode != 0
     ckpt = next((tmp_path / "killed" / "ckpts").glob(f"*step={k}*"))
     assert ckpt.is_dir()  # a sharded (distributed) checkpoint
+    if variant == "lora":
+        from mmscene.train.checkpoint import read_training_checkpoint
+
+        saved = read_training_checkpoint(ckpt)["state_dict"]
+        assert any(".lora_A." in name for name in saved) and any(".base_layer." in name for name in saved)
     resumed = _run(tmp_path / "resumed", "fsdp2", 2, total, demo_data, *stream, "--ckpt", str(ckpt))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref = {s["step"]: s["keys"] for s in _steps(tmp_path / "full")}

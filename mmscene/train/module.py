@@ -102,6 +102,7 @@ class MMSceneModule(L.LightningModule):
         self.model_config = model_config(self.spec)
         self.lora = lora_adapters.check(lora)
         # a LoRA checkpoint holds only what trains; the base weights come from ``model`` again
+        # (a base drawn at random from ``model.config`` stays in)
         self.strict_loading = self.lora is None or "config" in self.spec
         self.attn_implementation = attention.resolve(attn_implementation)
         self.model: MultimodalLM | None = None
@@ -130,6 +131,10 @@ class MMSceneModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if sharding.is_model_parallel(self):
+            # Lightning's sharded (DCP) load reads every key of the model: FSDP2 checkpoints keep
+            # the frozen base too
+            self.strict_loading = True
         if not sharding.is_model_parallel(self):
             self.model = self._prepare(build_model(self.spec, self.model_config, self.attn_implementation))
             return
@@ -275,16 +280,15 @@ class MMSceneModule(L.LightningModule):
         checkpoint["rng_state"] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.lora is not None and "config" not in self.spec:
-            # adapters and what else trains; the frozen base is read again from `model`'s
-            # checkpoint (a base drawn from `model.config` is random: it stays in)
+        if not self.strict_loading:
+            # adapters and what else trains; the frozen base is read again from `model`'s checkpoint
             trained = self.trained_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         self._rng_to_restore = checkpoint.get("rng_state")
-        if self.lora is not None and self.model is not None:
+        if not self.strict_loading and self.model is not None and "state_dict" in checkpoint:
             missing = sorted(self.trained_names() - set(checkpoint["state_dict"]))
             if missing:
                 raise ValueError(f"LoRA checkpoint lacks trained weights: {missing[:5]}")
