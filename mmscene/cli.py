@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     add_convert_arguments(
         data.add_parser("convert", help="LLaVA / M4-Instruct annotations -> WebDataset shards")
     )
+    from mmscene.data.ingest.pretokenize import add_tokenize_arguments
+
+    add_tokenize_arguments(
+        data.add_parser("tokenize", help="store shards' token ids beside their media (pre-tokenized form)")
+    )
     from mmscene.data.tools.demo import add_demo_arguments
 
     add_demo_arguments(data.add_parser("demo", help="synthetic four-scenario dataset for configs/demo.yaml"))
@@ -90,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             from mmscene.data.ingest.convert import convert_main
 
             return convert_main(args)
+        if args.data_command == "tokenize":
+            from mmscene.data.ingest.pretokenize import tokenize_main
+
+            return tokenize_main(args)
         if args.data_command == "demo":
             from mmscene.data.tools.demo import demo_main
 

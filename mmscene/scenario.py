@@ -28,6 +28,8 @@ from mmscene.skips import SkipSample
 
 __all__ = ["IMAGE_PLACEHOLDER", "ROLES", "Example", "Prompt", "Scenario", "SkipSample"]
 
+VARIANT_SEEDS = 8  # formats tried by the default ``prompt_variants``
+
 
 @dataclasses.dataclass
 class Example:
@@ -95,6 +97,17 @@ class Scenario:
 
     def format(self, example: Example, rng: random.Random) -> Prompt:
         raise NotImplementedError
+
+    def prompt_variants(self, example: Example) -> list[Prompt]:
+        """Every prompt ``format`` can make of ``example``, for the pre-tokenized shard form
+        (``mmscene data tokenize``). The default formats it with a few seeds and keeps the distinct
+        conversations; a plugin whose draws give more texts than that finds lists them here.
+        A prompt missing from the list is still trained on, tokenized in the loop."""
+        seen: dict[str, Prompt] = {}
+        for seed in range(VARIANT_SEEDS):
+            prompt = self.format(example, random.Random(seed))
+            seen.setdefault(json.dumps(prompt.conversation, sort_keys=True), prompt)
+        return list(seen.values())
 
     def metrics(self, task: str, question_type: str) -> dict[str, Any]:
         """Default scoring: option accuracy for multiple choice, ROUGE-L F1 for open answers."""

@@ -21,9 +21,25 @@ INDEX_VERSION = 1
 
 def write_index(directory: Path | str, counts: dict[str, int]) -> Path:
     """Record ``{shard name: sample count}`` (and each shard's size) beside the shards."""
+    return _write(Path(directory), _entries(Path(directory), counts))
+
+
+def update_index(directory: Path | str, counts: dict[str, int]) -> Path:
+    """Rewrite the entries of these shards (count and size), keeping the index's other entries."""
     directory = Path(directory)
-    shards = {name: {"samples": n, "bytes": (directory / name).stat().st_size} for name, n in counts.items()}
-    doc = {"version": INDEX_VERSION, "shards": shards}
+    shards: dict[str, dict] = {}
+    if (directory / INDEX_NAME).is_file():
+        indexed_shard(directory / "_")  # refuses a broken index
+        shards = _INDEX_CACHE[str(directory / INDEX_NAME)][1]
+    return _write(directory, {**shards, **_entries(directory, counts)})
+
+
+def _entries(directory: Path, counts: dict[str, int]) -> dict[str, dict]:
+    return {name: {"samples": n, "bytes": (directory / name).stat().st_size} for name, n in counts.items()}
+
+
+def _write(directory: Path, shards: dict[str, dict]) -> Path:
+    doc = {"version": INDEX_VERSION, "shards": dict(sorted(shards.items()))}
     tmp = directory / (INDEX_NAME + ".part")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, directory / INDEX_NAME)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from mmscene.data.pipeline.batching import parse_batching, row_collate
 from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT
 from mmscene.data.pipeline.collate import pad_collate
-from mmscene.data.pipeline.encode import PromptEncoder
+from mmscene.data.pipeline.encode import PromptEncoder, load_tokenizer
 from mmscene.data.pipeline.eval_samples import SKIPS_KEY, EvalSamples
 from mmscene.data.pipeline.mixer import STATE_KEY, MixedBatches, Source, check_sources
 from mmscene.data.tar_reader import Located, ShardScan, read_located
@@ -369,14 +369,3 @@ def _records(shard: str):
             continue
         if isinstance(record, dict):
             yield record
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    if Path(path).exists() and not (Path(path) / "tokenizer_config.json").is_file():
-        raise ValueError(f"data.tokenizer: {path} holds no tokenizer (no tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok

@@ -14,7 +14,8 @@ Logged: ``tokens_per_s`` (samples' tokens, row padding excluded, all ranks), ``s
 :mod:`mmscene.model.flops`) and ``mfu_lm`` / ``mfu_with_vit`` (over ``peak_flops`` per device),
 ``lr/<part>``, ``grad_norm`` (total L2 norm before clipping), ``loss/<scenario>`` (per-token
 mean over the window), ``padding_efficiency`` (samples' tokens / row slots) and ``loader_wait``
-(share of the window's wall time spent waiting for the next batch).
+(share of the window's wall time spent waiting for the next batch), ``pretokenized`` (share of
+samples whose ids came from their shard's stored form, :mod:`mmscene.data.pipeline.pretokenized`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from mmscene.model.flops import FlopCounts
 
 log = logging.getLogger(__name__)
 
-_COUNTERS = ("tokens", "samples", "slots", "flops_lm", "flops_vit", "wait")
+_COUNTERS = ("tokens", "samples", "slots", "flops_lm", "flops_vit", "wait", "pretokenized")
 
 
 class Telemetry(L.Callback):
@@ -110,6 +111,7 @@ class Telemetry(L.Callback):
         t["tokens"] += sum(lengths)
         t["samples"] += len(lengths)
         t["slots"] += int(batch["input_ids"].numel())
+        t["pretokenized"] += int(batch.get("pretokenized", 0))
         t["flops_lm"] += self._counts.lm(lengths)
         t["flops_vit"] += self._counts.with_vit(lengths, images, positions)
 
@@ -160,6 +162,7 @@ class Telemetry(L.Callback):
             "train/samples_per_s": total["samples"] / seconds,
             "train/padding_efficiency": total["tokens"] / max(total["slots"], 1.0),
             "train/loader_wait": total["wait"] / world / seconds,
+            "train/pretokenized": total["pretokenized"] / max(total["samples"], 1.0),
         }
         for name, key in (("lm", "flops_lm"), ("with_vit", "flops_vit")):
             per_device = total[key] / world / seconds

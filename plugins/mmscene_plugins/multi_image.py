@@ -55,6 +55,15 @@ class MultiImageScenario(Scenario):
         return self.example(sample, record, images=images)
 
     def format(self, example: Example, rng: random.Random) -> Prompt:
+        mixed_front = self.placement == "mixed" and rng.random() < self.front_prob
+        return self._placed(example, self.placement == "front" or mixed_front)
+
+    def prompt_variants(self, example: Example) -> list[Prompt]:
+        """Both placements under ``mixed``, else the one."""
+        fronts = (True, False) if self.placement == "mixed" else (self.placement == "front",)
+        return [self._placed(example, front) for front in fronts]
+
+    def _placed(self, example: Example, front: bool) -> Prompt:
         conversation = [dict(t) for t in example.conversation]
         n = count_placeholders(conversation)
         if n not in (0, len(example.images)):
@@ -63,8 +72,7 @@ class MultiImageScenario(Scenario):
             raise SkipSample(
                 "placeholder_mismatch", f"{n} <image> placeholders for {len(example.images)} images"
             )
-        mixed_front = self.placement == "mixed" and rng.random() < self.front_prob
-        front = self.placement == "front" or mixed_front or n == 0
+        front = front or n == 0
         if front and n:
             conversation = move_placeholders_front(conversation)
         elif front:

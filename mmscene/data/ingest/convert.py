@@ -300,6 +300,15 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "question, answer, image_N) from LLaVA records per row",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--tokenizer",
+        help="also store each sample's token ids with this tokenizer (see `mmscene data tokenize`)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="with the tokenizer, system prompt and scenario options of this training config",
+    )
 
 
 def convert_main(args: argparse.Namespace) -> int:
@@ -347,4 +356,19 @@ def convert_main(args: argparse.Namespace) -> int:
     if report["total"] and not report["written"]:
         console.print("[red]no record could be converted[/]")
         return 1
+    if getattr(args, "tokenizer", None) or getattr(args, "config", None):
+        return _pretokenize(args, report)
     return 0
+
+
+def _pretokenize(args: argparse.Namespace, report: dict) -> int:
+    from mmscene.data.ingest.pretokenize import make_spec, print_reports, tokenize_folders
+
+    try:
+        spec, _ = make_spec(args.config, args.tokenizer)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}")
+        return 2
+    out = Path(args.out)
+    targets = [([str(out / path) for path in paths], name) for name, paths in report["shards"].items()]
+    return print_reports(tokenize_folders(targets, spec, getattr(args, "workers", 1)))

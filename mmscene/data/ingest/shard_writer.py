@@ -53,6 +53,17 @@ class KeyAllocator:
         return key
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member with fixed mtime, owner and mode: the same bytes give the same shard."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
 class ShardWriter:
     """Writes samples into ``DIRECTORY/shard-000000.tar``, ``shard-000001.tar`` ... of ``shard_size``.
 
@@ -85,13 +96,7 @@ class ShardWriter:
             if not _SUFFIX.match(suffix) or suffix in seen:
                 raise ValueError(f"bad or repeated member suffix {suffix!r} for sample {key!r}")
             seen.add(suffix)
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            add_member(self._tar, f"{key}.{suffix}", data)
         self._count += 1
 
     def _roll(self) -> None:

@@ -69,7 +69,8 @@ def training_counts(
       the positions the loss reads (a row's last position never: it predicts no token of its row);
     * ``image_positions``: the ``<image>`` positions of the batch (when the encoder counted them);
     * ``image_pooling_flags``: which images are pooled video frames, as a list;
-    * ``real_tokens``, ``sample_lengths``, ``pooled_images``: the telemetry's counts.
+    * ``real_tokens``, ``sample_lengths``, ``pooled_images``, ``pretokenized``: the telemetry's
+      counts (``pretokenized``: samples whose ids came from the shard's stored form).
     """
     lengths = [s["input_ids"].shape[0] for s in samples]
     nxt = torch.full_like(labels, IGNORE_INDEX)
@@ -82,4 +83,5 @@ def training_counts(
         "real_tokens": sum(lengths),
         "sample_lengths": lengths,
         "pooled_images": int(image_pooling.sum()),
+        "pretokenized": sum(bool(s.get("pretokenized")) for s in samples),
     }

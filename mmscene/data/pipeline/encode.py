@@ -10,7 +10,10 @@ the prefix renders running again only where the check fails.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -18,12 +21,14 @@ import torch
 from mmscene.constants import IGNORE_INDEX
 from mmscene.data.media import anyres
 from mmscene.data.media.preprocess import MEAN, STD, normalisation, preprocess_images, to_rgb
-from mmscene.data.pipeline import turn_layout
+from mmscene.data.pipeline import pretokenized, turn_layout
 from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, QWEN_1_5_TEMPLATE, with_system_prompt
 from mmscene.data.pipeline.turn_layout import Pieces
 from mmscene.scenario import IMAGE_PLACEHOLDER, Prompt, SkipSample
 
 MAX_LAYOUTS = 1024  # learned turn layouts kept per encoder, one per sequence of roles
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -72,6 +77,13 @@ class ImageGeometry:
         return self.tokens_per_pooled_image if prompt.pooled[i] else self.tokens_per_image
 
 
+_OUTCOMES = {
+    "miss": "holds no such conversation (plugin options changed since `mmscene data tokenize`?)",
+    "stale": "was made with another tokenizer or chat template",
+    "bad": "is unreadable or does not fit the prompt's images",
+}
+
+
 class PromptEncoder:
     def __init__(
         self,
@@ -90,16 +102,42 @@ class PromptEncoder:
         self.overflow = overflow
         self.template = getattr(tokenizer, "chat_template", None) or QWEN_1_5_TEMPLATE
         self._layouts: dict[tuple[str, tuple[str, ...]], turn_layout.Layout | None] = {}
+        self._fingerprint: str | None = None
+        # outcomes of pre-tokenized members: hit, miss, stale, bad (mmscene.data.pipeline.pretokenized)
+        self.stored_counts: collections.Counter[str] = collections.Counter()
 
     # ------------------------------------------------------------------ public
-    def encode(self, prompt: Prompt) -> dict[str, Any]:
-        """Training tensors: every assistant turn is a target, everything else is masked."""
-        turns = self._turn_tokens(self._messages(prompt.conversation), prompt)
-        turns = self._fit(turns, prompt)
-        return self._assemble(turns, prompt)
+    def encode(self, prompt: Prompt, stored: bytes | None = None) -> dict[str, Any]:
+        """Training tensors: every assistant turn is a target, everything else is masked.
 
-    def encode_for_generation(self, prompt: Prompt) -> dict[str, Any]:
-        """The conversation up to the last assistant turn, ending in the generation prompt."""
+        ``stored``: the sample's pre-tokenized member; where it holds this prompt made with this
+        tokenizer, its ids are used instead of rendering and tokenizing."""
+        messages = self._messages(prompt.conversation)
+        turns = self._stored_turns(stored, messages, prompt) if stored is not None else None
+        from_store = turns is not None
+        if turns is None:
+            turns = self._turn_tokens(messages, prompt)
+        out = self._assemble(self._fit(turns, prompt), prompt)
+        out["pretokenized"] = from_store
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        """The tokenizer and chat template's fingerprint, as pre-tokenized members name it."""
+        if self._fingerprint is None:
+            self._fingerprint = pretokenized.tokenizer_fingerprint(self.tokenizer, self.template)
+        return self._fingerprint
+
+    def stored_form(self, prompt: Prompt) -> tuple[str, list[pretokenized.StoredTurn]]:
+        """The messages key and per-message ``(ids, target span)`` of ``prompt``, each image one
+        :data:`~mmscene.data.pipeline.pretokenized.IMAGE_MARK`: what ``mmscene data tokenize`` stores."""
+        messages = self._messages(prompt.conversation)
+        turns = self._turn_tokens(messages, prompt, expand_images=False)
+        return pretokenized.messages_key(messages), [(t["ids"], t["target"]) for t in turns]
+
+    def encode_for_generation(self, prompt: Prompt, stored: bytes | None = None) -> dict[str, Any]:
+        """The conversation up to the last assistant turn, ending in the generation prompt
+        (rendered here: a pre-tokenized member holds training's whole conversations)."""
         conv = list(prompt.conversation)
         if conv and conv[-1]["role"] == "assistant":
             conv = conv[:-1]
@@ -126,8 +164,10 @@ class PromptEncoder:
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _turn_tokens(self, messages: list[dict[str, str]], prompt: Prompt) -> list[dict[str, Any]]:
-        """Per message: token ids, labels and how many images it holds."""
+    def _turn_tokens(
+        self, messages: list[dict[str, str]], prompt: Prompt, expand_images: bool = True
+    ) -> list[dict[str, Any]]:
+        """Per message: token ids, labels, the target's span and how many images it holds."""
         pieces = self._layout_pieces(messages)
         if pieces is None:
             pieces = self._prefix_pieces(messages, prompt.key)
@@ -137,19 +177,61 @@ class PromptEncoder:
             ids: list[int] = []
             labels: list[int] = []
             n_images = 0
+            span = (0, 0)
             for text, is_target in ((head, False), (target, True), (tail, False)):
                 n = text.count(IMAGE_PLACEHOLDER)
-                piece = self._tokens(text, prompt, image_index)
+                piece = self._tokens(text, prompt, image_index, expand_images)
+                if is_target:
+                    span = (len(ids), len(ids) + len(piece))
                 ids += piece
                 labels += piece if is_target else [IGNORE_INDEX] * len(piece)
                 image_index += n
                 n_images += n
-            turns.append({"role": msg["role"], "ids": ids, "labels": labels, "images": n_images})
+            turns.append(
+                {"role": msg["role"], "ids": ids, "labels": labels, "images": n_images, "target": span}
+            )
         if image_index != len(prompt.images):
             raise SkipSample(
                 "placeholder_mismatch",
                 f"{prompt.key}: {image_index} placeholders for {len(prompt.images)} images",
             )
+        return turns
+
+    def _stored_turns(
+        self, stored: bytes, messages: list[dict[str, str]], prompt: Prompt
+    ) -> list[dict[str, Any]] | None:
+        """``_turn_tokens``' result from a pre-tokenized member, or None where it does not hold it."""
+        found, outcome = pretokenized.lookup(stored, self.fingerprint, messages)
+        turns: list[dict[str, Any]] = []
+        if found is not None:
+            g, image = self.geometry, 0
+            for msg, (compact, (start, end)) in zip(messages, found):
+                ids: list[int] = []
+                labels: list[int] = []
+                first = image
+                for k, token in enumerate(compact):
+                    if token == pretokenized.IMAGE_MARK:  # never inside a target (image_in_answer)
+                        n = g.positions(prompt, image) if image < len(prompt.images) else 0
+                        ids += [g.image_token_id] * n
+                        labels += [IGNORE_INDEX] * n
+                        image += 1
+                    else:
+                        ids.append(token)
+                        labels.append(token if start <= k < end else IGNORE_INDEX)
+                turns.append({"role": msg["role"], "ids": ids, "labels": labels, "images": image - first})
+            if image != len(prompt.images):
+                found, outcome = None, "bad"
+        self.stored_counts[outcome] += 1
+        if found is None:
+            if self.stored_counts[outcome] == 1:
+                log.warning(
+                    "%s: the pre-tokenized member %s (%s); tokenizing in the loop, and counting "
+                    "such samples in the encoder's stored_counts",
+                    prompt.key,
+                    _OUTCOMES[outcome],
+                    outcome,
+                )
+            return None
         return turns
 
     def _layout_pieces(self, messages: list[dict[str, str]]) -> list[Pieces] | None:
@@ -206,8 +288,9 @@ class PromptEncoder:
                 "mmscene cannot locate assistant turns with it: set a different chat template"
             )
 
-    def _tokens(self, text: str, prompt: Prompt, first_image: int) -> list[int]:
-        """``text``'s ids, its ``<image>`` placeholders (images ``first_image`` on) expanded."""
+    def _tokens(self, text: str, prompt: Prompt, first_image: int, expand_images: bool = True) -> list[int]:
+        """``text``'s ids, its ``<image>`` placeholders (images ``first_image`` on) expanded, or
+        one ``IMAGE_MARK`` each."""
         parts = text.split(IMAGE_PLACEHOLDER)
         ids: list[int] = []
         g = self.geometry
@@ -215,7 +298,10 @@ class PromptEncoder:
             if part:
                 ids += self.tokenizer(part, add_special_tokens=False)["input_ids"]
             if j < len(parts) - 1:
-                ids += [g.image_token_id] * g.positions(prompt, first_image + j)
+                if expand_images:
+                    ids += [g.image_token_id] * g.positions(prompt, first_image + j)
+                else:
+                    ids.append(pretokenized.IMAGE_MARK)
         return ids
 
     def _fit(self, turns: list[dict[str, Any]], prompt: Prompt) -> list[dict[str, Any]]:
@@ -274,3 +360,15 @@ class PromptEncoder:
         out["labels"] = torch.tensor(labels, dtype=torch.long)
         out["image_positions"] = ids.count(self.geometry.image_token_id)  # host count for the core
         return out
+
+
+def load_tokenizer(path: str):
+    """The training tokenizer from a folder or hub id (no remote code); pads with EOS if unset."""
+    from transformers import AutoTokenizer
+
+    if Path(path).exists() and not (Path(path) / "tokenizer_config.json").is_file():
+        raise ValueError(f"data.tokenizer: {path} holds no tokenizer (no tokenizer_config.json)")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

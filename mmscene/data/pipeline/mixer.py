@@ -20,6 +20,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmscene.data.pipeline import pretokenized
 from mmscene.data.pipeline.batching import TokenBudget
 from mmscene.data.pipeline.stream import DEFAULT_SHUFFLE_BUFFER, ShardStream, expand_shards
 from mmscene.data.seeds import FORMAT, SOURCE, rng_for
@@ -261,7 +262,8 @@ def prepare_sample(
     try:
         example = scenario.load(raw)
         prompt = scenario.format(example, rng)
-        sample = encode(prompt)
+        stored = raw.get(pretokenized.MEMBER)  # the shard's pre-tokenized form, where it has one
+        sample = encode(prompt) if stored is None else encode(prompt, stored=stored)
     except SkipSample as skip:
         skips.add(source.name, skip.reason, f"{raw.get('__key__')} in {raw.get('__shard__')}: {skip.detail}")
         return None
