@@ -1,5 +1,7 @@
 """Every shipped config runs in miniature: its strategy, precision, batching, accumulation,
 validation and callbacks, with tiny dims, the demo data, CPU and 2 ranks where it has several GPUs.
+The training shards are pre-tokenized for the config first (``mmscene data tokenize --config``),
+as a user of the recipe would, and every step must read its ids from them.
 
 What changes, and why, is spelled out in :func:`miniature`; everything else is the file's own.
 """
@@ -9,12 +11,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from mmscene.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -74,8 +79,13 @@ def miniature(cfg: dict, demo_data: Path, pretrained: Path, root: Path) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_runs_in_miniature(path, tmp_path, demo_data, tiny_pretrained):
     cfg = miniature(yaml.safe_load(path.read_text()), demo_data, tiny_pretrained, tmp_path / "run")
+    train = tmp_path / "train"
+    shutil.copytree(demo_data / "train", train)
+    for source in cfg["data"]["train"]:
+        source["shards"] = str(train / source["scenario"])
     config = tmp_path / path.name
     config.write_text(yaml.safe_dump(cfg))
+    assert main(["data", "tokenize", "--config", str(config)]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "mmscene.cli", "fit", "--config", str(config)],
@@ -98,6 +108,7 @@ def test_config_runs_in_miniature(path, tmp_path, demo_data, tiny_pretrained):
     assert [int(r["step"]) for r in rows] == list(range(STEPS))
     for name in ("train/mfu_lm", "train/mfu_with_vit", "train/grad_norm", "train/padding_efficiency"):
         assert all(float(r[name]) > 0 for r in rows), name
+    assert all(float(r["train/pretokenized"]) == 1.0 for r in rows)  # no sample tokenized in the loop
     assert any(k.startswith("train/loss/") and v for r in rows for k, v in r.items())
     checkpoints = sorted(p.name for p in (tmp_path / "run").rglob("*.ckpt"))
     assert any("step=2" in name for name in checkpoints) and "last.ckpt" in checkpoints, checkpoints
