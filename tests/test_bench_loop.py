@@ -1,5 +1,6 @@
-"""bench/loop_breakdown.py in miniature: both loops train on the same batches and the data time
-is split into stages that add up to at most the measured data time."""
+"""bench/loop_breakdown.py in miniature: the three loops train on the same batches (the bench
+stops where the pre-tokenized shards give another one), the stored ids serve every sample, and
+each data time is split into stages that add up to at most the measured data time."""
 
 import os
 import re
@@ -18,8 +19,15 @@ def test_loop_breakdown_runs_and_accounts_for_its_data_time(demo_data):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    data = float(re.search(r"of which data\s+([\d.]+)", out).group(1))
-    stages = [float(m) for m in re.findall(r"^ {4}\S.*?\s([\d.]+)\s+[\d.]+\s+[\d.]+%$", out, re.M)]
-    assert len(stages) == 4, out
-    assert 0 < sum(stages) <= data + 0.01, out
-    assert re.search(r"summary: mmscene's loop from shards runs at [\d.]+x the plain", out), out
+    used = re.search(r"stored ids used for (\d+) of (\d+) samples", out)
+    assert used and used.group(1) == used.group(2) and int(used.group(1)) > 0, out
+    data = [float(m) for m in re.findall(r"of which data\s+([\d.]+)", out)]
+    blocks = re.split(r"^mmscene \(", out, flags=re.M)[1:]
+    assert len(data) == len(blocks) == 2, out
+    for total, block in zip(data, blocks):
+        stages = [float(m) for m in re.findall(r"^ {4}\S.*?\s([\d.]+)\s+[\d.]+\s+[\d.]+%$", block, re.M)]
+        assert len(stages) == 4, block
+        assert 0 < sum(stages) <= total + 0.01, block
+    assert re.search(
+        r"summary: from shards [\d.]+x the plain loop .* pre-tokenized vs from shards [\d.]+x", out
+    ), out
