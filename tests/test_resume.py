@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def _config(variant: str, demo_data: Path, root: Path, total: int, request) -> d
         pytest.importorskip("peft")
         cfg["model"]["model"] = {"pretrained": str(request.getfixturevalue("tiny_pretrained"))}
         cfg["model"].update(freeze=["vision"], lora={"r": 4, "alpha": 8})
-    if variant == "anyres-packed":  # single images as AnyRes crops (tokens vary by image), packed rows
+    if variant.startswith("anyres"):  # single images as AnyRes crops (tokens vary by image), packed rows
         cfg["model"]["model"]["config"].update(
             image_grid_pinpoints=[[48, 96], [96, 48], [96, 96]], patch_merge="spatial_unpad"
         )
@@ -55,8 +56,22 @@ def _config(variant: str, demo_data: Path, root: Path, total: int, request) -> d
     return cfg
 
 
-@pytest.mark.parametrize("variant", ["full", "lora", "anyres-packed"])
+def _pretokenized(cfg: dict, demo_data: Path, root: Path) -> dict:
+    """``cfg`` training from a copy of its shards after ``mmscene data tokenize --config``."""
+    from mmscene.cli import main
+
+    shutil.copytree(demo_data / "train", root / "train")
+    for source in cfg["data"]["train"]:
+        source["shards"] = str(root / "train" / source["scenario"])
+    config = write_config(cfg, root / "tokenize.yaml")
+    assert main(["data", "tokenize", "--config", str(config)]) == 0
+    return cfg
+
+
+@pytest.mark.parametrize("variant", ["full", "lora", "anyres-packed", "anyres-pretokenized"])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data, request, variant):
+    """``anyres-pretokenized``: the killed and resumed runs read pre-tokenized shards, the
+    uninterrupted one the plain shards; the weights must still be equal."""
     k, total = 4, 8
     full = _config(variant, demo_data, tmp_path / "full", total, request)
     full["trainer"]["callbacks"] = _callbacks(tmp_path / "full.jsonl")
@@ -64,6 +79,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data, reques
     assert done.returncode == 0, done.stderr[-3000:]
 
     killed = _config(variant, demo_data, tmp_path / "killed", total, request)
+    if variant == "anyres-pretokenized":
+        killed = _pretokenized(killed, demo_data, tmp_path)
     killed["trainer"]["callbacks"] = _callbacks(
         tmp_path / "killed.jsonl",
         {
@@ -77,13 +94,21 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data, reques
     ckpt = next((tmp_path / "ckpts").glob(f"*step={k}.ckpt"))
 
     resumed = _config(variant, demo_data, tmp_path / "resumed", total, request)
+    if variant == "anyres-pretokenized":
+        resumed["data"]["train"] = killed["data"]["train"]
     resumed["trainer"]["callbacks"] = _callbacks(tmp_path / "resumed.jsonl")
     again = _fit(write_config(resumed, tmp_path / "resumed.yaml"), "--ckpt_path", str(ckpt))
     assert again.returncode == 0, again.stderr[-3000:]
 
-    if variant == "anyres-packed":  # AnyRes images really went through
+    if variant.startswith("anyres"):  # AnyRes images really went through
         records = [json.loads(line) for line in (tmp_path / "full.jsonl").read_text().splitlines()]
         assert sum(r["anyres_images"] for r in records) > 0
+    if (
+        variant == "anyres-pretokenized"
+    ):  # every resumed sample's ids came from its shard, none in the full run
+        for name, want in (("resumed", True), ("full", False)):
+            records = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            assert all(r["pretokenized"] == (len(r["keys"]) if want else 0) for r in records), name
     # The resumed run sees exactly the samples the uninterrupted one saw after step k.
     full_steps, resumed_steps = _steps(tmp_path / "full.jsonl"), _steps(tmp_path / "resumed.jsonl")
     assert sorted(resumed_steps) == list(range(k, total))

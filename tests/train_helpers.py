@@ -72,6 +72,7 @@ class RecordBatches(L.Callback):
             "tokens": tokens,
             "slots": batch["input_ids"].numel(),
             "anyres_images": sum(1 for size in batch.get("image_sizes") or () if size),
+            "pretokenized": int(batch.get("pretokenized", 0)),
         }
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
