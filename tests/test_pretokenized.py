@@ -326,3 +326,38 @@ def test_convert_with_a_tokenizer_stores_ids(demo_data, tmp_path):
     for path in tars:
         names = [n for n, _ in _members(path)]
         assert sum(n.endswith(".tokens.json") for n in names) == len({n.split(".")[0] for n in names})
+
+
+def test_workers_write_the_same_shards(tokenized, demo_data, tmp_path):
+    train, _ = tokenized
+    again = tmp_path / "again"
+    shutil.copytree(demo_data / "train", again)
+    spec = TokenizeSpec(str(demo_data / "tokenizer"), scenarios=OPTIONS)
+    tokenize_folders([(sorted(map(str, (again / s).glob("*.tar"))), s) for s in SCENARIOS], spec, workers=2)
+    for path in sorted(train.rglob("*.tar")):
+        assert (again / path.relative_to(train)).read_bytes() == path.read_bytes(), path
+
+
+def test_bad_requests_are_refused(demo_data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"train": [{"shards": str(empty), "scenario": "video"}]}}))
+    assert main(["data", "tokenize", "--config", str(config)]) == 2
+    assert "data.tokenizer is not set" in capsys.readouterr().out
+    assert main(["data", "tokenize", str(empty), "--tokenizer", str(demo_data / "tokenizer")]) == 2
+    assert "holds no shards" in capsys.readouterr().out
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "tokenizer": str(demo_data / "tokenizer"),
+                    "train": [{"shards": str(empty / "x-*.tar"), "scenario": "video"}],
+                }
+            }
+        )
+    )
+    assert main(["data", "tokenize", "--config", str(config)]) == 2
+    assert "no shards match" in capsys.readouterr().out
+    assert main(["data", "tokenize", str(demo_data / "train")]) == 2
+    assert "give --config X.yaml or --tokenizer DIR" in capsys.readouterr().out

@@ -371,4 +371,5 @@ def _pretokenize(args: argparse.Namespace, report: dict) -> int:
         return 2
     out = Path(args.out)
     targets = [([str(out / path) for path in paths], name) for name, paths in report["shards"].items()]
-    return print_reports(tokenize_folders(targets, spec, getattr(args, "workers", 1)))
+    workers, progress = getattr(args, "workers", 1), getattr(args, "progress", True)
+    return print_reports(tokenize_folders(targets, spec, workers, progress))

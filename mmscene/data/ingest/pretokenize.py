@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -125,15 +126,21 @@ def _stored(plugin, encoder, sample: dict[str, Any], report: ShardReport) -> byt
 
 
 def tokenize_folders(
-    targets: list[tuple[list[str], str]], spec: TokenizeSpec, workers: int = 1
+    targets: list[tuple[list[str], str]], spec: TokenizeSpec, workers: int = 1, progress: bool = False
 ) -> list[ShardReport]:
     """Pre-tokenize ``[(shard paths, scenario)]``; one shard per task, ``workers`` processes."""
+    from rich.progress import track
+
     jobs = [(path, scenario) for shards, scenario in targets for path in shards]
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            reports = list(pool.map(tokenize_shard, *zip(*jobs), [spec] * len(jobs)))
-    else:
-        reports = [tokenize_shard(path, scenario, spec) for path, scenario in jobs]
+    if not jobs:
+        raise FileNotFoundError("no shards to tokenize")
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            done = pool.map(tokenize_shard, *zip(*jobs), [spec] * len(jobs))
+        else:
+            done = (tokenize_shard(path, scenario, spec) for path, scenario in jobs)
+        reports = list(track(done, "tokenizing shards", total=len(jobs), disable=not progress))
     by_folder: dict[Path, dict[str, int]] = collections.defaultdict(dict)
     for report in reports:
         if not report.left_as_is:
@@ -193,6 +200,7 @@ def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder (instead of, or over, the config's)")
     parser.add_argument("--scenario", help="scenario of every path (default: each folder's name)")
     parser.add_argument("--workers", type=int, default=1, help="processes, one shard each (default 1)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def make_spec(config: Path | str | None, tokenizer: str | None) -> tuple[TokenizeSpec, list[tuple[str, str]]]:
@@ -213,9 +221,12 @@ def tokenize_main(args: argparse.Namespace) -> int:
             targets = resolve_targets(args.paths, args.scenario)
         elif sources:
             targets = [(expand_shards(shards), scenario) for shards, scenario in sources]
+            empty = [shards for (shards, _), (found, _) in zip(sources, targets) if not found]
+            if empty:
+                raise FileNotFoundError(f"no shards match {empty[0]}")
         else:
             raise ValueError("no shards: give SHARDS or a --config with data.train sources")
-        reports = tokenize_folders(targets, spec, max(1, args.workers))
+        reports = tokenize_folders(targets, spec, max(1, args.workers), getattr(args, "progress", True))
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}")
         return 2
