@@ -36,16 +36,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_data import add_demo_data_arguments, demo_data  # noqa: E402
 
-from mmscene.data.ingest.pretokenize import TokenizeSpec, tokenize_folders  # noqa: E402
 from mmscene.data.pipeline.batching import TokenBudget, row_collate  # noqa: E402
 from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from mmscene.data.pipeline.encode import (  # noqa: E402
     ImageGeometry,
     PromptEncoder,
-    load_tokenizer,  # noqa: E402
+    load_tokenizer,
 )
 from mmscene.data.pipeline.mixer import MixedBatches, Source  # noqa: E402
 from mmscene.data.pipeline.stream import expand_shards  # noqa: E402
+from mmscene.data.tools.pretokenize import TokenizeSpec, tokenize_folders  # noqa: E402
 from mmscene.model.config import MultimodalConfig  # noqa: E402
 from mmscene.model.core import MultimodalLM  # noqa: E402
 from mmscene.registry import get_scenario  # noqa: E402

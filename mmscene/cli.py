@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     add_convert_arguments(
         data.add_parser("convert", help="LLaVA / M4-Instruct annotations -> WebDataset shards")
     )
-    from mmscene.data.ingest.pretokenize import add_tokenize_arguments
+    from mmscene.data.tools.pretokenize import add_tokenize_arguments
 
     add_tokenize_arguments(
         data.add_parser("tokenize", help="store shards' token ids beside their media (pre-tokenized form)")
@@ -94,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.data_command == "convert":
             from mmscene.data.ingest.convert import convert_main
 
-            return convert_main(args)
+            code = convert_main(args)
+            if code == 0 and (args.tokenizer or args.config):
+                from mmscene.data.tools.pretokenize import tokenize_conversion
+
+                return tokenize_conversion(args.out, args.config, args.tokenizer, args.workers, args.progress)
+            return code
         if args.data_command == "tokenize":
-            from mmscene.data.ingest.pretokenize import tokenize_main
+            from mmscene.data.tools.pretokenize import tokenize_main
 
             return tokenize_main(args)
         if args.data_command == "demo":

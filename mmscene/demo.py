@@ -43,8 +43,8 @@ def run(config: str, data: str, extra: list[str], **demo_kwargs) -> Path:
 
 def pretokenize(config: str) -> None:
     """``mmscene data tokenize --config CONFIG``: the loop then decodes media only."""
-    from mmscene.data.ingest.pretokenize import make_spec, print_reports, tokenize_folders
     from mmscene.data.pipeline.stream import expand_shards
+    from mmscene.data.tools.pretokenize import make_spec, print_reports, tokenize_folders
 
     spec, sources = make_spec(config, None)
     reports = tokenize_folders([(expand_shards(shards), scenario) for shards, scenario in sources], spec)

@@ -19,7 +19,6 @@ import torch
 import yaml
 
 from mmscene.cli import main
-from mmscene.data.ingest.pretokenize import TokenizeSpec, tokenize_folders
 from mmscene.data.pipeline import pretokenized
 from mmscene.data.pipeline.batching import TokenBudget, row_collate
 from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder, load_tokenizer
@@ -27,6 +26,7 @@ from mmscene.data.pipeline.mixer import MixedBatches, Source
 from mmscene.data.shards import INDEX_NAME
 from mmscene.data.tar_reader import read_shard
 from mmscene.data.tools.local_tokenizer import train_tokenizer
+from mmscene.data.tools.pretokenize import TokenizeSpec, tokenize_folders
 from mmscene.registry import get_scenario
 from mmscene.scenario import Example, Prompt, Scenario
 

@@ -356,20 +356,4 @@ def convert_main(args: argparse.Namespace) -> int:
     if report["total"] and not report["written"]:
         console.print("[red]no record could be converted[/]")
         return 1
-    if getattr(args, "tokenizer", None) or getattr(args, "config", None):
-        return _pretokenize(args, report)
     return 0
-
-
-def _pretokenize(args: argparse.Namespace, report: dict) -> int:
-    from mmscene.data.ingest.pretokenize import make_spec, print_reports, tokenize_folders
-
-    try:
-        spec, _ = make_spec(args.config, args.tokenizer)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}")
-        return 2
-    out = Path(args.out)
-    targets = [([str(out / path) for path in paths], name) for name, paths in report["shards"].items()]
-    workers, progress = getattr(args, "workers", 1), getattr(args, "progress", True)
-    return print_reports(tokenize_folders(targets, spec, workers, progress))

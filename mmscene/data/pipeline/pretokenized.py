@@ -1,6 +1,6 @@
 """The pre-tokenized form of a sample: its prompts' token ids stored in the shard beside the media.
 
-``mmscene data tokenize`` (:mod:`mmscene.data.ingest.pretokenize`) adds one member,
+``mmscene data tokenize`` (:mod:`mmscene.data.tools.pretokenize`) adds one member,
 ``KEY.tokens.json``, to each sample: for every conversation its plugin can format
 (:meth:`~mmscene.scenario.Scenario.prompt_variants`), the ids and target span of each message,
 keyed by a hash of the messages (system turn included). Each image is one :data:`IMAGE_MARK`,

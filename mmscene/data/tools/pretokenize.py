@@ -19,6 +19,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import tarfile
@@ -211,6 +212,23 @@ def make_spec(config: Path | str | None, tokenizer: str | None) -> tuple[Tokeniz
     if spec is None:
         raise ValueError("give --config X.yaml or --tokenizer DIR")
     return spec, sources
+
+
+def tokenize_conversion(
+    out: Path | str, config: Path | str | None, tokenizer: str | None, workers: int = 1, progress: bool = True
+) -> int:
+    """``mmscene data convert --tokenizer / --config``: the shards its ``report.json`` lists."""
+    try:
+        spec, _ = make_spec(config, tokenizer)
+        report = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
+        targets = [
+            ([str(Path(out) / path) for path in paths], name) for name, paths in report["shards"].items()
+        ]
+        reports = tokenize_folders(targets, spec, workers, progress)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}")
+        return 2
+    return print_reports(reports)
 
 
 def tokenize_main(args: argparse.Namespace) -> int:
