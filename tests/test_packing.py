@@ -5,7 +5,7 @@ import torch
 from helpers import IMAGE_TOKEN, tiny_llava
 
 from mmscene.data.pipeline.packing import first_fit, packed_collate
-from mmscene.model import load_pretrained
+from mmscene.model import attention, load_pretrained
 from mmscene.model.core import IGNORE_INDEX
 
 
@@ -35,7 +35,7 @@ def test_first_fit_never_exceeds_budget():
 
 
 def _cpu_implementations() -> list[str]:
-    found = ["eager", "sdpa"]
+    found = ["eager", "sdpa", "sdpa_varlen"]
     try:  # flex attention compiles its kernel; machines without a compiler cannot run it
         import torch.nn.attention.flex_attention  # noqa: F401
 
@@ -88,9 +88,56 @@ SAMPLES = [(2, 6, 1), (0, 9, 2), (1, 5, 3), (3, 4, 4)]  # 22, 9, 12, 25 tokens
 def test_packed_logits_and_loss_equal_unpacked(tmp_path, implementation, budget, rows):
     tiny_llava().save_pretrained(tmp_path / "hf")
     model = load_pretrained(tmp_path / "hf", attn_implementation=implementation).eval()
-    assert model.language_model.config._attn_implementation == implementation
-    assert model.vision_tower.config._attn_implementation == implementation
+    resolved = attention.resolve(implementation)
+    assert model.language_model.config._attn_implementation == resolved
+    assert model.vision_tower.config._attn_implementation == resolved
     _packed_vs_alone(model, [_sample(*a) for a in SAMPLES], budget, rows)
+
+
+def test_sdpa_varlen_attends_per_sample_and_trains_like_sdpa(tmp_path, monkeypatch):
+    """The CPU varlen kernel: one SDPA call per sample of a packed row (never a row-sized one),
+    and the training step's loss and gradients equal SDPA's with the dense block mask."""
+    tiny_llava().save_pretrained(tmp_path / "hf")
+    dense = load_pretrained(tmp_path / "hf", attn_implementation="sdpa")
+    varlen = load_pretrained(tmp_path / "hf", attn_implementation="sdpa_varlen")
+    samples = [_sample(*a) for a in SAMPLES]
+    rows = first_fit([s["input_ids"].shape[0] for s in samples], 40)
+    batch = packed_collate(samples, pad_id=0, rows=rows)
+    lengths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        lengths.append(q.shape[2])
+        return sdpa(q, *args, **kwargs)
+
+    results = []
+    for model in (dense, varlen):
+        summed = {"kernel": "chunked", "chunk_tokens": 16, "positions": batch["label_positions"]}
+        if model is varlen:
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+        loss, count = model(
+            batch["input_ids"],
+            batch["pixel_values"],
+            labels=batch["labels"],
+            position_ids=batch["position_ids"],
+            summed_loss=summed,
+        )
+        (loss / count).backward()
+        results.append(
+            (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        )
+    # the collate's host list says what the kernel would otherwise read from the position ids
+    assert batch["sample_starts"] == attention._sample_starts(batch["position_ids"].reshape(1, -1))
+    layers = varlen.config.text_config.num_hidden_layers
+    width = batch["input_ids"].shape[1]
+    per_row = [[samples[i]["input_ids"].shape[0] for i in row] for row in rows]
+    segments = [n for row in per_row for n in (*row, width - sum(row)) if n]  # row padding is one more
+    text = [n for n in lengths if n != varlen.tokens_per_image()]  # the tower's calls see patches
+    assert text == segments * layers
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_packed_rows_become_one_row_for_varlen_attention(tmp_path, monkeypatch):
@@ -121,9 +168,11 @@ def test_flash_attention_refused_without_flash_attn():
         attention.resolve("flash_attention_2")
     with pytest.raises(ValueError, match="not one of"):
         attention.resolve("flash")
-    assert attention.resolve(None) == "sdpa"
+    assert attention.resolve(None) == attention.SDPA_VARLEN  # CPU: the varlen kernel
+    assert attention.resolve(attention.SDPA_VARLEN) == attention.SDPA_VARLEN
     assert attention.needs_single_row("flash_attention_2") and attention.needs_single_row("flex_attention")
     assert not attention.needs_single_row("sdpa") and not attention.needs_single_row("eager")
+    assert attention.needs_single_row(attention.SDPA_VARLEN)
 
 
 def test_flex_attention_training_on_cpu_is_refused_before_the_first_step(tmp_path, demo_data):

@@ -9,6 +9,16 @@ flattens a packed batch into one row first (the varlen convention), so no token 
 samples whichever kernel runs: flash attention, and flex attention, whose document mask skips
 the blocks between samples anyway (and whose CPU kernel of torch 2.13 fails to compile for a
 batch of several rows).
+
+``sdpa_varlen`` is the CPU's varlen kernel (the default there): packed rows, flattened into one
+row, run SDPA once per sample, so attention costs the sum of each sample's length squared
+rather than the row's; everything else (padded batches, generation, the tower) is plain SDPA.
+Neither flash-attention (CUDA only) nor flex attention (no CPU backward in torch 2.13) trains
+packed rows on a CPU without the dense row-by-row mask. It reads the samples' starts from the
+packed collate's host list (or, called without one, from the position ids: a device read), so
+on a GPU ``flash_attention_2`` (or ``flex_attention``) is the varlen kernel and ``auto`` never
+picks this one there. Its Python loop over samples would recompile a compiled block for every
+packing, so ``model.compile`` takes SDPA instead.
 """
 
 from __future__ import annotations
@@ -17,16 +27,30 @@ import importlib.util
 
 import torch
 
-CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+CHOICES = ("auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flex_attention")
+SDPA_VARLEN = "mmscene_sdpa_varlen"  # its name in transformers' attention registry
 
 
-def resolve(name: str | None) -> str:
-    """The implementation to build with; ``auto`` (or None) is the best this machine has."""
+def resolve(name: str | None, compiled: bool = False) -> str:
+    """The implementation to build with; ``auto`` (or None) is the best this machine has
+    (``compiled``: for blocks run through ``torch.compile``)."""
     name = name or "auto"
+    if name == SDPA_VARLEN:  # already resolved
+        name = "sdpa_varlen"
     if name not in CHOICES:
         raise ValueError(f"model.attn_implementation: {name!r} is not one of {list(CHOICES)}")
     if name == "auto":
-        return "flash_attention_2" if _has_flash_attn() and torch.cuda.is_available() else "sdpa"
+        if torch.cuda.is_available():
+            return "flash_attention_2" if _has_flash_attn() else "sdpa"
+        name = "sdpa" if compiled else "sdpa_varlen"
+    if name == "sdpa_varlen" and compiled:
+        raise ValueError(
+            "model.attn_implementation: sdpa_varlen loops over the samples of a packed row, so with "
+            "model.compile every new packing would recompile; use sdpa (or auto) with compile"
+        )
+    if name == "sdpa_varlen":
+        register_sdpa_varlen()
+        return SDPA_VARLEN
     if name == "flash_attention_2" and not _has_flash_attn():
         raise ValueError(
             "model.attn_implementation: flash_attention_2 needs the flash-attn package "
@@ -40,7 +64,62 @@ def resolve(name: str | None) -> str:
 def needs_single_row(implementation: str | None) -> bool:
     """Whether packed rows must be flattened into one row for this implementation."""
     name = str(implementation or "")
-    return "flash" in name or name == "flex_attention"
+    return "flash" in name or name in ("flex_attention", SDPA_VARLEN)
+
+
+def register_sdpa_varlen() -> None:
+    """Make ``sdpa_varlen`` known to transformers (its masks are SDPA's)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_mask)
+
+
+_starts: tuple[torch.Tensor, list[int]] | None = None  # the last position ids and their sample starts
+
+
+def _sample_starts(position_ids: torch.Tensor) -> list[int]:
+    """Where each sample of a flattened packed row starts; read once per forward (every layer
+    gets the same position ids tensor)."""
+    global _starts
+    if _starts is None or _starts[0] is not position_ids:
+        row = position_ids[0]
+        starts = (row == 0).nonzero().flatten().tolist()
+        _starts = (position_ids, starts if starts and starts[0] == 0 else [0, *starts])
+    return _starts[1]
+
+
+def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention signature: ``query`` ``[1, heads, L, dim]``, out ``[1, L, heads, dim]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    packed = (
+        getattr(module, "is_causal", False)
+        and position_ids is not None
+        and position_ids.shape[0] == 1
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2] == position_ids.shape[1]  # no cache: training's forward
+    )
+    starts = (kwargs.get("sample_starts") or _sample_starts(position_ids)) if packed else []
+    if len(starts) < 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    bounds = [*starts, query.shape[2]]
+    gqa = query.shape[1] != key.shape[1]
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            dropout_p=dropout if module.training else 0.0,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
 def _has_flash_attn() -> bool:

@@ -264,6 +264,9 @@ class MultimodalLM(nn.Module):
             labels = labels.reshape(1, -1) if labels is not None else None
             if summed_loss is not None and summed_loss.get("groups") is not None:
                 summed_loss = {**summed_loss, "groups": summed_loss["groups"].reshape(1, -1)}
+        starts = (host or {}).get("sample_starts")
+        if starts is not None and self.language_model.config._attn_implementation == attention.SDPA_VARLEN:
+            kwargs["sample_starts"] = starts  # the samples of the (flattened) packed rows, from the host
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling, host)
         if labels is not None:
             labels = self.loss_labels(labels, input_ids)

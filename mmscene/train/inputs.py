@@ -17,7 +17,7 @@ def core_inputs(batch: dict[str, Any]) -> dict[str, Any]:
         "image_pooling": batch.get("image_pooling"),
         "host": {
             k: batch[k]
-            for k in ("image_positions", "image_pooling_flags", "image_sizes")
+            for k in ("image_positions", "image_pooling_flags", "image_sizes", "sample_starts")
             if batch.get(k) is not None
         },
     }

@@ -43,9 +43,11 @@ class MMSceneModule(L.LightningModule):
         max_new_tokens: generation length in validation and prediction.
         activation_checkpointing: recompute each decoder / encoder layer in backward.
         fsdp: FSDP2 options under ModelParallelStrategy (see :mod:`mmscene.train.sharding`).
-        attn_implementation: attention kernel of tower and LLM: ``sdpa``, ``eager``,
-            ``flash_attention_2``, ``flex_attention`` or ``auto`` (null; flash-attention 2 where
-            installed on a GPU, else SDPA). Packed rows never attend across samples with any.
+        attn_implementation: attention kernel of tower and LLM: ``sdpa``, ``sdpa_varlen`` (SDPA
+            per sample of a packed row, the CPU's varlen kernel), ``eager``, ``flash_attention_2``,
+            ``flex_attention`` or ``auto`` (null; on a GPU flash-attention 2 where installed, else
+            SDPA; on a CPU ``sdpa_varlen``, or SDPA under ``compile``). Packed rows never attend
+            across samples with any.
         nonfinite_loss: when a step's loss is NaN or infinite: ``stop`` raises, naming the step's
             samples and scenarios on every rank; ``skip`` logs them, drops the step's gradients
             (no parameter or optimizer-state update) and counts it in ``train/nonfinite_steps``.
@@ -104,7 +106,7 @@ class MMSceneModule(L.LightningModule):
         # a LoRA checkpoint holds only what trains; the base weights come from ``model`` again
         # (a base drawn at random from ``model.config`` stays in)
         self.strict_loading = self.lora is None or "config" in self.spec
-        self.attn_implementation = attention.resolve(attn_implementation)
+        self.attn_implementation = attention.resolve(attn_implementation, compiled=bool(compile))
         self.model: MultimodalLM | None = None
         self.tokenizer = None  # set by the data module
         self.scoreboard: Scoreboard | None = None

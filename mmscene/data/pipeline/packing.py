@@ -59,9 +59,11 @@ def packed_collate(
     position_ids = torch.zeros((n, width), dtype=torch.long)
     sample_index = torch.full((n, width), -1, dtype=torch.long)  # row padding: -1
     ordered = []
+    starts = []  # where each sample (and each row's padding) starts, rows laid end to end
     for r, row in enumerate(rows):
         col = 0
         for i in row:
+            starts.append(r * width + col)
             s = samples[i]
             length = s["input_ids"].shape[0]
             input_ids[r, col : col + length] = s["input_ids"]
@@ -74,6 +76,8 @@ def packed_collate(
             ordered.append(s)
         # Row padding is one more "sample" of its own (positions restart), fully masked.
         position_ids[r, col:] = torch.arange(width - col)
+        if col < width:
+            starts.append(r * width + col)
     pixel_values, image_pooling = _cat_images(ordered)
     return {
         "input_ids": input_ids,
@@ -85,5 +89,6 @@ def packed_collate(
         "meta": [{k: s.get(k) for k in META_KEYS} for s in ordered],
         "image_sizes": image_sizes(ordered),
         "sample_index": sample_index,
+        "sample_starts": starts,  # host list: the CPU varlen kernel splits rows here (no device read)
         **training_counts(ordered, image_pooling, labels),
     }
