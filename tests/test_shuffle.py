@@ -101,3 +101,39 @@ def test_convert_shuffles_records_across_shards_unless_asked_to_keep_order(tmp_p
     assert not list(tmp_path.glob("*/.records.part"))  # the spill file is gone
     index = json.loads((tmp_path / "a" / "single_image" / "shards.json").read_text())
     assert sum(e["samples"] for e in index["shards"].values()) == len(listed)
+
+
+def test_later_epochs_reuse_clean_scans_and_rescan_changed_shards(tmp_path, monkeypatch):
+    """A small source with a large buffer goes round its shards many times: the same order as
+    reading every header again, one header read per shard while the files are unchanged."""
+    import os
+
+    from mmscene.data.pipeline import stream as stream_module
+
+    shards = write_shards(tmp_path / "s", "a", 30, 10)
+    reads = []
+    real = stream_module.ShardScan
+
+    class Counting(real):
+        def __iter__(self):
+            reads.append(self.path)
+            return super().__iter__()
+
+    monkeypatch.setattr(stream_module, "ShardScan", Counting)
+    keys = _keys(ShardStream(shards, 0, 1, seed=3, name="s", buffer_size=200), 300)  # ~17 epochs
+    assert sorted(reads) == sorted(shards)  # each shard's headers read once
+    monkeypatch.setattr(stream_module, "MAX_CACHED_LOCATIONS", 0)  # nothing kept: every epoch reads
+    reads.clear()
+    assert keys == _keys(ShardStream(shards, 0, 1, seed=3, name="s", buffer_size=200), 300)
+    assert len(reads) > 3 * len(shards)
+    monkeypatch.setattr(stream_module, "MAX_CACHED_LOCATIONS", 100_000)
+    # a shard rewritten between epochs is read again, and its new samples come out
+    stream = ShardStream(shards, 0, 1, seed=3, name="s", shuffle=False)
+    it = iter(stream)
+    first = [next(it)["__key__"] for _ in range(30)]
+    replacement = write_shards(tmp_path / "t", "b", 10, 10)[0]
+    os.replace(replacement, shards[0])
+    reads.clear()
+    second = [next(it)["__key__"] for _ in range(30)]
+    assert reads == [shards[0]]
+    assert first[:10] == [f"a{i:05d}" for i in range(10)] and second[:10] == [f"b{i:05d}" for i in range(10)]

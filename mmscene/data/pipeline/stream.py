@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from mmscene.data.shards import indexed_shard
 from mmscene.data.tar_reader import EMPTY_SHARD, TRUNCATED_SHARD, Located, ShardScan, read_located
 
 DEFAULT_SHUFFLE_BUFFER = 1000
+MAX_CACHED_LOCATIONS = 100_000  # per stream: about 10 MB of shard locations
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,9 @@ class ShardStream:
         # ((shard, index), location): the key tuple is made once, so that a state snapshot (taken
         # before every draw) copies one list of references, not a thousand new pairs
         self._buffer: list[tuple[tuple[int, int], Located]] = []
+        # (shard, fallback, file identity) -> its locations, for shards that read clean
+        self._scans: dict[tuple, list[tuple[int, Located]]] = {}
+        self._clean = False
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.shards)))
@@ -193,8 +198,30 @@ class ShardStream:
         return not self.by_sample or self.state.fallback or index % self.n_slices == self.slice_id
 
     def _scan_shard(self, shard: int, start: int) -> Iterator[tuple[int, Located]]:
-        """This slice's samples of one shard; defects and samples missing from it are counted."""
+        """This slice's samples of one shard; defects and samples missing from it are counted.
+
+        A clean shard's locations are kept (up to :data:`MAX_CACHED_LOCATIONS` per stream), so
+        later epochs read no tar headers again while the file is unchanged: a small source with a
+        large shuffle buffer goes round its shards several times to fill it."""
         path = self.shards[shard]
+        key = (shard, self.state.fallback, _file_id(path))
+        cached = self._scans.get(key)
+        if cached is not None:
+            yield from ((index, located) for index, located in cached if index >= start)
+            return
+        found: list[tuple[int, Located]] = []
+        for index, located in self._read_headers(shard, start):
+            found.append((index, located))
+            yield index, located
+        kept = sum(len(v) for v in self._scans.values())
+        if start == 0 and self._clean and key[2] is not None and kept + len(found) <= MAX_CACHED_LOCATIONS:
+            self._scans[key] = found
+
+    def _read_headers(self, shard: int, start: int) -> Iterator[tuple[int, Located]]:
+        """The scan of one shard from its tar headers; ``self._clean`` says whether it found no
+        defect at all."""
+        path = self.shards[shard]
+        self._clean = False
         try:
             entry = indexed_shard(path)
         except ValueError as err:
@@ -221,6 +248,17 @@ class ShardStream:
                 self._skip(TRUNCATED_SHARD, f"{path}: {scan.count} of {expected} samples", lost)
             else:
                 log.warning("%s holds %d samples, its index says %d", path, scan.count, expected)
+            return
+        self._clean = scan.count is not None and scan.count > 0
 
     def _lost(self, first: int, expected: int) -> int:
         return sum(1 for i in range(first, expected) if self._mine(i))
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """Size and modification time: a shard rewritten since it was scanned is scanned again."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
