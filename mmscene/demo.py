@@ -31,7 +31,7 @@ def run(config: str, data: str, extra: list[str], **demo_kwargs) -> Path:
     make_demo(data, **demo_kwargs)
     console.print(f"demo data ready in {data} ({time.perf_counter() - t0:.0f} s)")
     t0 = time.perf_counter()
-    pretokenize(config)
+    pretokenize(config, Path(data) / "train")
     console.print(f"training shards pre-tokenized for {config} ({time.perf_counter() - t0:.0f} s)")
     t1 = time.perf_counter()
     cli = build_cli(["fit", "--config", config, *extra])
@@ -41,13 +41,13 @@ def run(config: str, data: str, extra: list[str], **demo_kwargs) -> Path:
     return log_dir
 
 
-def pretokenize(config: str) -> None:
-    """``mmscene data tokenize --config CONFIG``: the loop then decodes media only."""
-    from mmscene.data.pipeline.stream import expand_shards
-    from mmscene.data.tools.pretokenize import make_spec, print_reports, tokenize_folders
+def pretokenize(config: str, train: Path) -> None:
+    """``mmscene data tokenize TRAIN --config CONFIG`` (the demo's training folders, with the
+    config's tokenizer and options): the loop then decodes media only."""
+    from mmscene.data.tools.pretokenize import make_spec, print_reports, resolve_targets, tokenize_folders
 
-    spec, sources = make_spec(config, None)
-    reports = tokenize_folders([(expand_shards(shards), scenario) for shards, scenario in sources], spec)
+    spec, _ = make_spec(config, str(train.parent / "tokenizer"))  # the demo data's own tokenizer
+    reports = tokenize_folders(resolve_targets([str(train)], None), spec)
     if print_reports(reports):
         raise SystemExit("the demo shards are damaged: delete the demo data folder and run again")
 
