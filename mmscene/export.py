@@ -36,9 +36,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_main(args: argparse.Namespace, fmt: str) -> int:
     from mmscene.data.pipeline.chat_template import DEFAULT_SYSTEM_PROMPT, export_chat_template
+    from mmscene.data.pipeline.encode import load_tokenizer
     from mmscene.model import CheckpointError, save_pretrained
     from mmscene.train.checkpoint import load_module_from_checkpoint
-    from mmscene.train.datamodule import load_tokenizer
 
     module, ckpt = load_module_from_checkpoint(args.checkpoint)
     model = module.model

@@ -210,13 +210,12 @@ def test_encoder_expands_anyres_images_to_their_positions(demo_data):
     from train_helpers import tiny_config
 
     from mmscene.data.pipeline.collate import pad_collate
-    from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder
+    from mmscene.data.pipeline.encode import ImageGeometry, PromptEncoder, load_tokenizer
     from mmscene.data.pipeline.eval_samples import EvalSamples
     from mmscene.data.pipeline.mixer import Source
     from mmscene.model.config import MultimodalConfig
     from mmscene.model.core import MultimodalLM
     from mmscene.registry import get_scenario
-    from mmscene.train.datamodule import load_tokenizer
     from mmscene.train.inputs import core_inputs
 
     spec = tiny_config(demo_data, demo_data)["model"]["model"]["config"]

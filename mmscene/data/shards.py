@@ -27,10 +27,7 @@ def write_index(directory: Path | str, counts: dict[str, int]) -> Path:
 def update_index(directory: Path | str, counts: dict[str, int]) -> Path:
     """Rewrite the entries of these shards (count and size), keeping the index's other entries."""
     directory = Path(directory)
-    shards: dict[str, dict] = {}
-    if (directory / INDEX_NAME).is_file():
-        indexed_shard(directory / "_")  # refuses a broken index
-        shards = _INDEX_CACHE[str(directory / INDEX_NAME)][1]
+    shards = _read_index(directory / INDEX_NAME) or {}
     return _write(directory, {**shards, **_entries(directory, counts)})
 
 
@@ -55,7 +52,13 @@ def indexed_shard(shard: str | Path) -> dict | None:
     A broken index is reported as an error: it would make every count after it wrong.
     """
     path = Path(shard)
-    index = path.parent / INDEX_NAME
+    shards = _read_index(path.parent / INDEX_NAME)
+    entry = shards.get(path.name) if shards is not None else None
+    return entry if isinstance(entry, dict) else None
+
+
+def _read_index(index: Path) -> dict[str, dict] | None:
+    """The index's ``{shard name: entry}`` (cached while the file is unchanged), None where absent."""
     try:
         mtime = index.stat().st_mtime
     except FileNotFoundError:
@@ -70,5 +73,4 @@ def indexed_shard(shard: str | Path) -> dict | None:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"shard index {index} is unreadable: {err}") from err
         cached = _INDEX_CACHE[str(index)] = (mtime, shards)
-    entry = cached[1].get(path.name)
-    return entry if isinstance(entry, dict) else None
+    return cached[1]

@@ -43,7 +43,7 @@ def load_session(
     multi_view_tasks: tuple[str, ...] = (),
 ) -> EvalSession:
     """``overrides``: data settings given explicitly (``system_prompt``, ``pad_to_square``, …)."""
-    from mmscene.train.datamodule import load_tokenizer
+    from mmscene.data.pipeline.encode import load_tokenizer
 
     path = Path(pretrained)
     if not path.exists():

@@ -23,6 +23,7 @@ packing, so ``model.compile`` takes SDPA instead.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -67,6 +68,7 @@ def needs_single_row(implementation: str | None) -> bool:
     return "flash" in name or name in ("flex_attention", SDPA_VARLEN)
 
 
+@functools.cache
 def register_sdpa_varlen() -> None:
     """Make ``sdpa_varlen`` known to transformers (its masks are SDPA's)."""
     from transformers import AttentionInterface

@@ -238,7 +238,7 @@ class MMSceneDataModule(L.LightningDataModule):
             dataset,
             batch_size=None,
             # the batches come collated: torch's default_convert would walk every value of them,
-            # the data state's thousands of restore keys included (~10% of a small model's step)
+            # the data state's thousands of restore keys included (~25% of the demo model's step)
             collate_fn=as_collated,
             num_workers=self.num_workers,
             persistent_workers=False,

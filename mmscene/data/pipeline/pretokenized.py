@@ -70,9 +70,7 @@ def lookup(
     with another tokenizer or template; ``"miss"``: no such conversation; ``"bad"``: unreadable)."""
     try:
         doc = json.loads(member)
-        if doc.get("version") != VERSION:
-            return None, "stale"
-        if doc.get("tokenizer") != fingerprint:
+        if doc.get("version") != VERSION or doc.get("tokenizer") != fingerprint:
             return None, "stale"
         variant = doc["variants"].get(messages_key(messages))
         if variant is None:

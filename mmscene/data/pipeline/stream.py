@@ -101,6 +101,7 @@ class ShardStream:
         self._buffer: list[tuple[tuple[int, int], Located]] = []
         # (shard, fallback, file identity) -> its locations, for shards that read clean
         self._scans: dict[tuple, list[tuple[int, Located]]] = {}
+        self._cached = 0  # locations held in _scans
         self._clean = False
 
     def _order(self, epoch: int) -> list[int]:
@@ -213,9 +214,10 @@ class ShardStream:
         for index, located in self._read_headers(shard, start):
             found.append((index, located))
             yield index, located
-        kept = sum(len(v) for v in self._scans.values())
-        if start == 0 and self._clean and key[2] is not None and kept + len(found) <= MAX_CACHED_LOCATIONS:
+        fits = self._cached + len(found) <= MAX_CACHED_LOCATIONS
+        if start == 0 and self._clean and key[2] is not None and fits:
             self._scans[key] = found
+            self._cached += len(found)
 
     def _read_headers(self, shard: int, start: int) -> Iterator[tuple[int, Located]]:
         """The scan of one shard from its tar headers; ``self._clean`` says whether it found no
