@@ -9,7 +9,7 @@ pooling flags must be equal, or both must raise the same error. A counting wrapp
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -187,6 +187,16 @@ def test_trimming_template_falls_back_only_on_edge_whitespace(tokenizer, prompt)
 
 @CHECKS
 @given(prompt=prompts(system=True))
+@example(  # contents as long as their sentinels: the layout holds, one render
+    prompt=Prompt(
+        "sample",
+        "test",
+        "task",
+        [{"role": "system", "content": " ? "}, {"role": "user", "content": " ? "}],
+        [],
+        [],
+    )
+)
 def test_content_dependent_template_falls_back(tokenizer, prompt):
     fast, tok, reference = encoders(tokenizer, LENGTH, "You are a helpful assistant.")
     got = outcome(fast, prompt)
@@ -197,8 +207,11 @@ def test_content_dependent_template_falls_back(tokenizer, prompt):
     ref_tok = reference.tokenizer
     ref_tok.renders = 0
     outcome(reference, prompt)
-    # the system prompt's length is not its sentinel's: the check fails, the reference runs
-    assert fast_renders(fast, tok, prompt) == 1 + ref_tok.renders
+    # a content whose length is not its sentinel's fails the check and the reference runs; where
+    # every length matches (" ? " is as long as the first sentinel), the layout is exact as it is
+    messages = fast._messages(prompt.conversation)
+    layout_holds = all(len(m["content"]) == len(turn_layout.sentinel(j)) for j, m in enumerate(messages))
+    assert fast_renders(fast, tok, prompt) == (1 if layout_holds else 1 + ref_tok.renders)
 
 
 @CHECKS
