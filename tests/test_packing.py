@@ -94,33 +94,46 @@ def test_packed_logits_and_loss_equal_unpacked(tmp_path, implementation, budget,
     _packed_vs_alone(model, [_sample(*a) for a in SAMPLES], budget, rows)
 
 
-def test_sdpa_varlen_attends_per_sample_and_trains_like_sdpa(tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_starts", [True, False], ids=["starts-from-host", "starts-from-positions"])
+def test_sdpa_varlen_attends_per_sample_and_trains_like_sdpa(tmp_path, monkeypatch, host_starts):
     """The CPU varlen kernel: one SDPA call per sample of a packed row (never a row-sized one),
-    and the training step's loss and gradients equal SDPA's with the dense block mask."""
+    and the training step's loss and gradients equal SDPA's with the dense block mask. Given the
+    collate's sample starts, the LLM builds no [L, L] mask at all."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
     tiny_llava().save_pretrained(tmp_path / "hf")
     dense = load_pretrained(tmp_path / "hf", attn_implementation="sdpa")
     varlen = load_pretrained(tmp_path / "hf", attn_implementation="sdpa_varlen")
     samples = [_sample(*a) for a in SAMPLES]
     rows = first_fit([s["input_ids"].shape[0] for s in samples], 40)
     batch = packed_collate(samples, pad_id=0, rows=rows)
-    lengths = []
+    lengths, masks = [], []
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    build_mask = ALL_MASK_ATTENTION_FUNCTIONS[attention.SDPA_VARLEN]
 
     def recording(q, *args, **kwargs):
         lengths.append(q.shape[2])
         return sdpa(q, *args, **kwargs)
+
+    def recording_mask(*args, **kwargs):
+        masks.append(build_mask(*args, **kwargs))
+        return masks[-1]
 
     results = []
     for model in (dense, varlen):
         summed = {"kernel": "chunked", "chunk_tokens": 16, "positions": batch["label_positions"]}
         if model is varlen:
             monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+            monkeypatch.setitem(
+                ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, attention.SDPA_VARLEN, recording_mask
+            )
         loss, count = model(
             batch["input_ids"],
             batch["pixel_values"],
             labels=batch["labels"],
             position_ids=batch["position_ids"],
             summed_loss=summed,
+            host={"sample_starts": batch["sample_starts"]} if host_starts and model is varlen else None,
         )
         (loss / count).backward()
         results.append(
@@ -134,6 +147,11 @@ def test_sdpa_varlen_attends_per_sample_and_trains_like_sdpa(tmp_path, monkeypat
     segments = [n for row in per_row for n in (*row, width - sum(row)) if n]  # row padding is one more
     text = [n for n in lengths if n != varlen.tokens_per_image()]  # the tower's calls see patches
     assert text == segments * layers
+    flat = batch["input_ids"].numel()
+    if host_starts:
+        assert masks == [None]  # the row was split where the host said; no mask was built
+    else:
+        assert len(masks) == 1 and masks[0].shape[-2:] == (flat, flat)  # the block mask, unused
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
     assert results[0][1].keys() == results[1][1].keys()
     for name, grad in results[0][1].items():

@@ -23,6 +23,8 @@ packing, so ``model.compile`` takes SDPA instead.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 
@@ -74,8 +76,32 @@ def register_sdpa_varlen() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    def mask(*args, **kwargs):
+        # the host's starts say how the row splits: the kernel ignores a mask there, so none is
+        # built (transformers passes these by keyword)
+        q_length = kwargs.get("q_length", getattr(kwargs.get("cache_position"), "shape", [None])[0])
+        one_row = kwargs.get("batch_size") == 1 and q_length == kwargs.get("kv_length") and not args
+        unmasked = kwargs.get("attention_mask") is None and kwargs.get("local_size") is None
+        if _HOST_STARTS.get() and one_row and unmasked:
+            return None
+        return sdpa_mask(*args, **kwargs)
+
     AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_VARLEN, mask)
+
+
+_HOST_STARTS: contextvars.ContextVar[bool] = contextvars.ContextVar("mmscene_host_starts", default=False)
+
+
+@contextlib.contextmanager
+def host_starts(given: bool):
+    """While active (``given``), packed rows are split at the ``sample_starts`` the forward
+    passes on, and the LLM builds no ``[L, L]`` mask for them."""
+    token = _HOST_STARTS.set(given)
+    try:
+        yield
+    finally:
+        _HOST_STARTS.reset(token)
 
 
 _starts: tuple[torch.Tensor, list[int]] | None = None  # the last position ids and their sample starts
@@ -107,19 +133,21 @@ def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout=0.0, 
     starts = (kwargs.get("sample_starts") or _sample_starts(position_ids)) if packed else []
     if len(starts) < 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    bounds = [*starts, query.shape[2]]
+    lengths = [b - a for a, b in zip(starts, [*starts[1:], query.shape[2]])]
     gqa = query.shape[1] != key.shape[1]
+    # split, not slices: one backward that concatenates, where each slice's backward would write
+    # its gradient into a zero-filled copy of the whole row
     parts = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b],
-            key[:, :, a:b],
-            value[:, :, a:b],
+            q,
+            k,
+            v,
             dropout_p=dropout if module.training else 0.0,
             is_causal=True,
             scale=scaling,
             enable_gqa=gqa,
         )
-        for a, b in zip(bounds, bounds[1:])
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 

@@ -265,7 +265,10 @@ class MultimodalLM(nn.Module):
             if summed_loss is not None and summed_loss.get("groups") is not None:
                 summed_loss = {**summed_loss, "groups": summed_loss["groups"].reshape(1, -1)}
         starts = (host or {}).get("sample_starts")
-        if starts is not None and self.language_model.config._attn_implementation == attention.SDPA_VARLEN:
+        split = (
+            starts is not None and self.language_model.config._attn_implementation == attention.SDPA_VARLEN
+        )
+        if split:
             kwargs["sample_starts"] = starts  # the samples of the (flattened) packed rows, from the host
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling, host)
         if labels is not None:
@@ -273,24 +276,26 @@ class MultimodalLM(nn.Module):
         if summed_loss is not None:
             if labels is None:
                 raise ValueError("summed_loss needs labels")
-            hidden = self.language_model.get_decoder()(
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                **kwargs,
-            ).last_hidden_state
+            with attention.host_starts(split):
+                hidden = self.language_model.get_decoder()(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    **kwargs,
+                ).last_hidden_state
             return summed_token_loss(
                 hidden, self.language_model.get_output_embeddings(), labels, **summed_loss
             )
-        out = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=False,
-            **kwargs,
-        )
+        with attention.host_starts(split):
+            out = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                use_cache=False,
+                **kwargs,
+            )
         if out.logits is not None and out.logits.shape[:2] != rows:
             out.logits = out.logits.reshape(*rows, -1)
         return out

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 
 _ATTR = {"vision": "vision_tower", "projector": "projector", "llm": "language_model"}
 _COMPILE_KEYS = {"mode", "dynamic", "fullgraph", "backend", "options"}
+# torch.optim.AdamW's flags per implementation (torchtitan's names)
+_OPTIMIZER_IMPLS = {
+    "fused": {"fused": True},
+    "foreach": {"foreach": True},
+    "for-loop": {"foreach": False},
+    "auto": {},
+}
 
 
 class MMSceneModule(L.LightningModule):
@@ -39,6 +46,8 @@ class MMSceneModule(L.LightningModule):
         freeze: parts that are not trained (the paper freezes the vision tower).
         lr: learning rate per part.
         weight_decay: AdamW weight decay (not applied to biases and norms).
+        optimizer_impl: AdamW's implementation: ``fused`` (one kernel for all parameters, CPU and
+            CUDA), ``foreach``, ``for-loop`` or ``auto`` (fused on CPU and CUDA, else torch's default).
         warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio`` at ``trainer.max_steps``.
         max_new_tokens: generation length in validation and prediction.
         activation_checkpointing: recompute each decoder / encoder layer in backward.
@@ -77,6 +86,7 @@ class MMSceneModule(L.LightningModule):
         lr: dict[str, float] | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
+        optimizer_impl: str = "auto",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         max_new_tokens: int = 16,
@@ -112,6 +122,8 @@ class MMSceneModule(L.LightningModule):
         self.scoreboard: Scoreboard | None = None
         if loss_kernel not in KERNELS:
             raise ValueError(f"loss_kernel: {loss_kernel!r} is not one of {KERNELS}")
+        if optimizer_impl not in _OPTIMIZER_IMPLS:
+            raise ValueError(f"optimizer_impl: {optimizer_impl!r} is not one of {sorted(_OPTIMIZER_IMPLS)}")
         if loss_chunk_tokens < 1:
             raise ValueError(f"loss_chunk_tokens must be >= 1, got {loss_chunk_tokens}")
         if isinstance(compile, dict) and set(compile) - _COMPILE_KEYS:
@@ -321,7 +333,10 @@ class MMSceneModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("nothing to train: every part is frozen")
-        optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas))
+        impl = self.hparams.optimizer_impl
+        if impl == "auto" and self.device.type in ("cpu", "cuda"):
+            impl = "fused"  # per-parameter Python loop and a host read of each step count otherwise
+        optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas), **_OPTIMIZER_IMPLS[impl])
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         scheduler = lr_schedule(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
