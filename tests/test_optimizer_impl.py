@@ -35,7 +35,12 @@ def _fit(tmp_path, demo_data, impl: str) -> tuple[MMSceneModule, torch.optim.Opt
 def test_every_adamw_implementation_trains_the_same_weights(tmp_path, demo_data):
     runs = {impl: _fit(tmp_path, demo_data, impl) for impl in ("auto", "for-loop", "foreach")}
     auto, loop, foreach = (runs[k][1].defaults for k in ("auto", "for-loop", "foreach"))
-    assert auto["fused"] is True and not loop["fused"] and loop["foreach"] is False and foreach["foreach"] is True
+    assert (
+        auto["fused"] is True
+        and not loop["fused"]
+        and loop["foreach"] is False
+        and foreach["foreach"] is True
+    )
     reference = runs["for-loop"][0].model.state_dict()
     start = MMSceneModule(model=tiny_config(demo_data, tmp_path)["model"]["model"])
     torch.manual_seed(0)
