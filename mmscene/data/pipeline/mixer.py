@@ -73,6 +73,18 @@ class _Pending:
     streams: dict[str, dict[str, Any]]
 
 
+class _StreamStates:
+    """Every stream's ``state_dict()``, refreshed for the one stream a draw advanced: a draw
+    reads one stream, so snapshotting all of them (buffers of restore keys) per draw is waste."""
+
+    def __init__(self, streams: dict[str, ShardStream]):
+        self.streams = streams
+        self.now = {name: s.state_dict() for name, s in streams.items()}
+
+    def advanced(self, name: str) -> None:
+        self.now = {**self.now, name: self.streams[name].state_dict()}  # earlier snapshots stay as they were
+
+
 class WeightedChoice:
     """Source index for draw ``d``: stateless, so a resumed slot continues the same sequence."""
 
@@ -170,12 +182,14 @@ class MixedBatches(IterableDataset):
         budget = self.tokens
         target = budget.lookahead if budget else self.batch_size
         in_a_row = 0
+        states = _StreamStates(streams)
         while True:
             while len(buffer) < target:
-                before = {name: s.state_dict() for name, s in streams.items()}
+                before = states.now
                 source = self.sources[choose(draw)]
                 draw += 1
                 raw = next(iters[source.name])
+                states.advanced(source.name)
                 rng = rng_for(FORMAT, self.seed, self.rank, slot, draw - 1)
                 sample = self._prepare(source, raw, rng, skips)
                 if sample is not None and budget and len(sample["input_ids"]) > budget.row_capacity:
@@ -211,7 +225,7 @@ class MixedBatches(IterableDataset):
             state = {
                 "draw": draw,
                 "skips": skips.state_dict(),
-                "streams": {name: s.state_dict() for name, s in streams.items()},
+                "streams": states.now,
             }
             if buffer:
                 state["buffer"] = {
@@ -227,10 +241,12 @@ class MixedBatches(IterableDataset):
         wanted = set(pending["draws"])
         buffer = []
         quiet = SkipCounter()  # these skips were counted before the checkpoint
+        states = _StreamStates(streams)
         for d in range(pending["draw"], draw):
-            before = {name: s.state_dict() for name, s in streams.items()}
+            before = states.now
             source = self.sources[choose(d)]
             raw = next(iters[source.name])
+            states.advanced(source.name)
             if d not in wanted:
                 continue  # emitted or skipped before the checkpoint: read past it, no decoding
             rng = rng_for(FORMAT, self.seed, self.rank, slot, d)
