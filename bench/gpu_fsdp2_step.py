@@ -113,7 +113,8 @@ def build(config, rung: int, device, dtype, varlen: str, checkpointing: bool):
 
 def run_rung(rung: int, model, batches, device, warmup: int, peak: float | None, counts: FlopCounts):
     fused = rung >= RUNGS.index("+fused-loss")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # fused, as `mmscene fit` (model.optimizer_impl: auto) steps it on CPU and CUDA
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
 
     def step(b):
         b = _to(b, device)
