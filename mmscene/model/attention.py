@@ -15,9 +15,10 @@ row, run SDPA once per sample, so attention costs the sum of each sample's lengt
 rather than the row's; everything else (padded batches, generation, the tower) is plain SDPA.
 Neither flash-attention (CUDA only) nor flex attention (no CPU backward in torch 2.13) trains
 packed rows on a CPU without the dense row-by-row mask. It reads the samples' starts from the
-packed collate's host list (or, called without one, from the position ids: a device read), so
-on a GPU ``flash_attention_2`` (or ``flex_attention``) is the varlen kernel and ``auto`` never
-picks this one there. Its Python loop over samples would recompile a compiled block for every
+packed collate's host list (or, called without one, from the position ids: a device read, so
+on a GPU ``flash_attention_2`` or ``flex_attention`` is the varlen kernel and ``auto`` never picks
+this one there). Given the host's list, transformers builds no ``[L, L]`` mask for the row
+(:func:`host_starts`). Its Python loop over samples would recompile a compiled block for every
 packing, so ``model.compile`` takes SDPA instead.
 """
 
