@@ -3,9 +3,8 @@
 import lightning as L
 import pytest
 import torch
-from train_helpers import tiny_config
+from train_helpers import fit_quietly, tiny_config
 
-from mmscene.train.datamodule import MMSceneDataModule
 from mmscene.train.module import MMSceneModule
 
 
@@ -26,22 +25,9 @@ class PoisonStep(L.Callback):
 
 def _fit(tmp_path, demo_data, mode: str, poison: PoisonStep) -> MMSceneModule:
     cfg = tiny_config(demo_data, tmp_path)
-    m, d = cfg["model"], cfg["data"]
+    m = cfg["model"]
     module = MMSceneModule(model=m["model"], lr=m["lr"], nonfinite_loss=mode)
-    dm = MMSceneDataModule(
-        tokenizer=d["tokenizer"], train=d["train"], scenarios=d["scenarios"], batch_size=4, max_length=512
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[poison],
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, datamodule=dm)
+    fit_quietly(module, cfg["data"], tmp_path, max_steps=4, accumulate_grad_batches=2, callbacks=[poison])
     return module
 
 

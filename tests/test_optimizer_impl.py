@@ -1,34 +1,20 @@
 """AdamW's implementation is a speed choice only: each trains the same weights."""
 
-import lightning as L
 import pytest
 import torch
-from train_helpers import tiny_config
+from train_helpers import fit_quietly, tiny_config
 
-from mmscene.train.datamodule import MMSceneDataModule
 from mmscene.train.module import MMSceneModule
 
 
 def _fit(tmp_path, demo_data, impl: str) -> tuple[MMSceneModule, torch.optim.Optimizer]:
     cfg = tiny_config(demo_data, tmp_path)
-    m, d = cfg["model"], cfg["data"]
+    m = cfg["model"]
     torch.manual_seed(0)
     module = MMSceneModule(model=m["model"], freeze=[], lr=m["lr"], weight_decay=0.1, optimizer_impl=impl)
-    dm = MMSceneDataModule(
-        tokenizer=d["tokenizer"], train=d["train"], scenarios=d["scenarios"], batch_size=4, max_length=512
+    trainer = fit_quietly(
+        module, cfg["data"], tmp_path / impl, max_steps=3, accumulate_grad_batches=2, gradient_clip_val=1.0
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        accumulate_grad_batches=2,
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path / impl),
-    )
-    trainer.fit(module, datamodule=dm)
     return module, trainer.optimizers[0]
 
 

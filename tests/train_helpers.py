@@ -150,3 +150,28 @@ def fit_and_validate(module, datamodule, root: Path, steps: int) -> L.Trainer:
     )
     trainer.fit(module, datamodule=datamodule)
     return trainer
+
+
+def fit_quietly(module, data: dict, root: Path, **trainer) -> L.Trainer:
+    """Train ``module`` on a tiny config's training sources (batches of 4) on CPU: no logger,
+    checkpoints or progress bar; ``trainer`` adds Trainer arguments (``max_steps``, callbacks...)."""
+    from mmscene.train.datamodule import MMSceneDataModule
+
+    datamodule = MMSceneDataModule(
+        tokenizer=data["tokenizer"],
+        train=data["train"],
+        scenarios=data["scenarios"],
+        batch_size=4,
+        max_length=512,
+    )
+    fitter = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        **trainer,
+    )
+    fitter.fit(module, datamodule=datamodule)
+    return fitter
