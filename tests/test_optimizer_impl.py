@@ -41,3 +41,18 @@ def test_every_adamw_implementation_trains_the_same_weights(tmp_path, demo_data)
 def test_an_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="optimizer_impl: 'apex' is not one of"):
         MMSceneModule(optimizer_impl="apex")
+
+
+def test_mixed_precision_with_clipping_steps_an_unfused_adamw(tmp_path, demo_data):
+    """Lightning's AMP refuses to clip a fused optimizer's gradients: ``auto`` does not fuse there
+    (the 0.5B recipe: DDP, bf16-mixed, clipping), and an explicit ``fused`` is refused by name."""
+    cfg = tiny_config(demo_data, tmp_path)
+    amp = dict(max_steps=2, precision="bf16-mixed", gradient_clip_val=1.0)
+    module = MMSceneModule(model=cfg["model"]["model"], lr=cfg["model"]["lr"])
+    trainer = fit_quietly(module, cfg["data"], tmp_path / "auto", **amp)
+    assert trainer.global_step == 2 and not trainer.optimizers[0].defaults["fused"]
+    module = MMSceneModule(model=cfg["model"]["model"], lr=cfg["model"]["lr"], optimizer_impl="fused")
+    with pytest.raises(
+        ValueError, match="optimizer_impl: fused cannot clip gradients under trainer.precision"
+    ):
+        fit_quietly(module, cfg["data"], tmp_path / "fused", **amp)

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from mmscene.constants import MODEL_PARTS
 from mmscene.metrics import SCORINGS
@@ -47,7 +48,9 @@ class MMSceneModule(L.LightningModule):
         lr: learning rate per part.
         weight_decay: AdamW weight decay (not applied to biases and norms).
         optimizer_impl: AdamW's implementation: ``fused`` (one kernel for all parameters, CPU and
-            CUDA), ``foreach``, ``for-loop`` or ``auto`` (fused on CPU and CUDA, else torch's default).
+            CUDA), ``foreach``, ``for-loop`` or ``auto`` (fused on CPU and CUDA, else torch's
+            default; also torch's default under ``precision: *-mixed`` with gradient clipping,
+            which Lightning refuses for a fused optimizer).
         warmup_steps: linear warmup, then cosine decay to ``min_lr_ratio`` at ``trainer.max_steps``.
         max_new_tokens: generation length in validation and prediction.
         activation_checkpointing: recompute each decoder / encoder layer in backward.
@@ -333,13 +336,27 @@ class MMSceneModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:
             raise ValueError("nothing to train: every part is frozen")
-        impl = self.hparams.optimizer_impl
-        if impl == "auto" and self.device.type in ("cpu", "cuda"):
-            impl = "fused"  # per-parameter Python loop and a host read of each step count otherwise
-        optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas), **_OPTIMIZER_IMPLS[impl])
+        optimizer = torch.optim.AdamW(groups, betas=tuple(self.hparams.betas), **self._adamw_flags())
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         scheduler = lr_schedule(optimizer, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _adamw_flags(self) -> dict[str, bool]:
+        impl = self.hparams.optimizer_impl
+        # Lightning's AMP precision refuses to clip a fused optimizer's gradients (it would
+        # unscale them itself), so under `precision: *-mixed` with clipping AdamW is not fused
+        amp_clipping = isinstance(self.trainer.precision_plugin, MixedPrecision) and bool(
+            self.trainer.gradient_clip_val
+        )
+        if impl == "fused" and amp_clipping:
+            raise ValueError(
+                f"model.optimizer_impl: fused cannot clip gradients under trainer.precision "
+                f"{self.trainer.precision!r} (Lightning's mixed precision refuses a fused optimizer there); "
+                "use auto or foreach, drop gradient_clip_val, or compute in bf16 through model.fsdp's param_dtype"
+            )
+        if impl == "auto" and self.device.type in ("cpu", "cuda") and not amp_clipping:
+            impl = "fused"  # per-parameter Python loop and a host read of each step count otherwise
+        return _OPTIMIZER_IMPLS[impl]
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
