@@ -4,6 +4,7 @@ the real one behind ``MMSCENE_SLOW=1`` (every scenario learned to ≥ 0.8)."""
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 from train_helpers import tiny_config, write_config
@@ -68,8 +69,12 @@ def test_demo_flow_end_to_end(tmp_path, capsys):
 @pytest.mark.skipif(
     os.environ.get("MMSCENE_SLOW") != "1", reason="the full demo run (minutes): MMSCENE_SLOW=1"
 )
-def test_make_demo_learns_every_scenario(tmp_path):
-    log_dir = run("configs/demo.yaml", str(tmp_path / "demo"), [f"--trainer.default_root_dir={tmp_path}"])
+def test_make_demo_learns_every_scenario(tmp_path, monkeypatch):
+    # demo.yaml reads data/demo relative to the working directory: make it here, train on it here
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    monkeypatch.chdir(tmp_path)
+    log_dir = run(config, "data/demo", [f"--trainer.default_root_dir={tmp_path}"])
+    assert log_dir.resolve().is_relative_to(tmp_path.resolve())
     scores = json.loads((log_dir / "results.json").read_text().splitlines()[-1])["scores"]
     for scenario in SCENARIOS:
         accuracy = [v for k, v in scores.items() if k.startswith(f"{scenario}/") and k.endswith("/accuracy")]
