@@ -273,28 +273,23 @@ class MultimodalLM(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values, image_pooling, host)
         if labels is not None:
             labels = self.loss_labels(labels, input_ids)
-        if summed_loss is not None:
-            if labels is None:
-                raise ValueError("summed_loss needs labels")
-            with attention.host_starts(split):
-                hidden = self.language_model.get_decoder()(
-                    inputs_embeds=inputs_embeds,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                    **kwargs,
-                ).last_hidden_state
-            return summed_token_loss(
-                hidden, self.language_model.get_output_embeddings(), labels, **summed_loss
-            )
+        if summed_loss is not None and labels is None:
+            raise ValueError("summed_loss needs labels")
+        # the summed loss reads the decoder's last hidden states (no logits); else the LM's own loss
+        lm = self.language_model if summed_loss is None else self.language_model.get_decoder()
+        own_loss = {"labels": labels} if summed_loss is None else {}
         with attention.host_starts(split):
-            out = self.language_model(
+            out = lm(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                labels=labels,
                 use_cache=False,
+                **own_loss,
                 **kwargs,
+            )
+        if summed_loss is not None:
+            return summed_token_loss(
+                out.last_hidden_state, self.language_model.get_output_embeddings(), labels, **summed_loss
             )
         if out.logits is not None and out.logits.shape[:2] != rows:
             out.logits = out.logits.reshape(*rows, -1)
