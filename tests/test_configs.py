@@ -11,15 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-from mmscene.cli import main
+from train_helpers import write_pretokenized
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -79,13 +77,7 @@ def miniature(cfg: dict, demo_data: Path, pretrained: Path, root: Path) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_runs_in_miniature(path, tmp_path, demo_data, tiny_pretrained):
     cfg = miniature(yaml.safe_load(path.read_text()), demo_data, tiny_pretrained, tmp_path / "run")
-    train = tmp_path / "train"
-    shutil.copytree(demo_data / "train", train)
-    for source in cfg["data"]["train"]:
-        source["shards"] = str(train / source["scenario"])
-    config = tmp_path / path.name
-    config.write_text(yaml.safe_dump(cfg))
-    assert main(["data", "tokenize", "--config", str(config)]) == 0
+    config = write_pretokenized(cfg, demo_data, tmp_path / path.name)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "mmscene.cli", "fit", "--config", str(config)],

@@ -2,14 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import tiny_config, write_config
+from train_helpers import tiny_config, write_config, write_pretokenized
 
 TESTS = Path(__file__).resolve().parent
 
@@ -56,18 +55,6 @@ def _config(variant: str, demo_data: Path, root: Path, total: int, request) -> d
     return cfg
 
 
-def _pretokenized(cfg: dict, demo_data: Path, root: Path) -> dict:
-    """``cfg`` training from a copy of its shards after ``mmscene data tokenize --config``."""
-    from mmscene.cli import main
-
-    shutil.copytree(demo_data / "train", root / "train")
-    for source in cfg["data"]["train"]:
-        source["shards"] = str(root / "train" / source["scenario"])
-    config = write_config(cfg, root / "tokenize.yaml")
-    assert main(["data", "tokenize", "--config", str(config)]) == 0
-    return cfg
-
-
 @pytest.mark.parametrize("variant", ["full", "lora", "anyres-packed", "anyres-pretokenized"])
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data, request, variant):
     """``anyres-pretokenized``: the killed and resumed runs read pre-tokenized shards, the
@@ -80,7 +67,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, demo_data, reques
 
     killed = _config(variant, demo_data, tmp_path / "killed", total, request)
     if variant == "anyres-pretokenized":
-        killed = _pretokenized(killed, demo_data, tmp_path)
+        write_pretokenized(killed, demo_data, tmp_path / "tokenize.yaml")
     killed["trainer"]["callbacks"] = _callbacks(
         tmp_path / "killed.jsonl",
         {

@@ -56,6 +56,22 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+def write_pretokenized(cfg: dict, demo_data: Path, path: Path) -> Path:
+    """Point ``cfg``'s training sources at a copy of the demo shards beside ``path``, write it
+    there and pre-tokenize the copy for it (``mmscene data tokenize --config``), as a user would."""
+    import shutil
+
+    from mmscene.cli import main
+
+    train = path.parent / "train"
+    shutil.copytree(demo_data / "train", train)
+    for source in cfg["data"]["train"]:
+        source["shards"] = str(train / source["scenario"])
+    write_config(cfg, path)
+    assert main(["data", "tokenize", "--config", str(path)]) == 0
+    return path
+
+
 class RecordBatches(L.Callback):
     """Appends the sample keys of every training batch, with its step, its samples' tokens and its
     row slots, to a JSONL file."""
