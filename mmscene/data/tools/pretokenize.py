@@ -218,33 +218,39 @@ def tokenize_conversion(
     out: Path | str, config: Path | str | None, tokenizer: str | None, workers: int = 1, progress: bool = True
 ) -> int:
     """``mmscene data convert --tokenizer / --config``: the shards its ``report.json`` lists."""
-    try:
-        spec, _ = make_spec(config, tokenizer)
+
+    def targets(_sources) -> list[tuple[list[str], str]]:
         report = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
-        targets = [
-            ([str(Path(out) / path) for path in paths], name) for name, paths in report["shards"].items()
-        ]
-        reports = tokenize_folders(targets, spec, workers, progress)
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: {err}")
-        return 2
-    return print_reports(reports)
+        return [([str(Path(out) / path) for path in paths], name) for name, paths in report["shards"].items()]
+
+    return _tokenize(config, tokenizer, targets, workers, progress)
 
 
 def tokenize_main(args: argparse.Namespace) -> int:
     """0: every shard rewritten; 1: some left as they were; 2: bad options or input."""
-    try:
-        spec, sources = make_spec(args.config, args.tokenizer)
+
+    def targets(sources: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
         if args.paths:
-            targets = resolve_targets(args.paths, args.scenario)
-        elif sources:
-            targets = [(expand_shards(shards), scenario) for shards, scenario in sources]
-            empty = [shards for (shards, _), (found, _) in zip(sources, targets) if not found]
-            if empty:
-                raise FileNotFoundError(f"no shards match {empty[0]}")
-        else:
+            return resolve_targets(args.paths, args.scenario)
+        if not sources:
             raise ValueError("no shards: give SHARDS or a --config with data.train sources")
-        reports = tokenize_folders(targets, spec, max(1, args.workers), getattr(args, "progress", True))
+        found = [(expand_shards(shards), scenario) for shards, scenario in sources]
+        empty = [shards for (shards, _), (paths, _) in zip(sources, found) if not paths]
+        if empty:
+            raise FileNotFoundError(f"no shards match {empty[0]}")
+        return found
+
+    return _tokenize(
+        args.config, args.tokenizer, targets, max(1, args.workers), getattr(args, "progress", True)
+    )
+
+
+def _tokenize(config, tokenizer, targets, workers: int, progress: bool) -> int:
+    """The spec of ``config`` / ``tokenizer``, applied to ``targets(config's sources)``; bad options
+    or input print one error line and give 2."""
+    try:
+        spec, sources = make_spec(config, tokenizer)
+        reports = tokenize_folders(targets(sources), spec, workers, progress)
     except (OSError, ValueError, KeyError) as err:
         print(f"error: {err}")
         return 2
